@@ -1,0 +1,145 @@
+"""
+Putting the pieces together: a running synkeys service from a
+:class:`synkeys.config.Config` and a reactor.
+
+``tap.py`` (``twistd synkeys``) and the CLI call this; embedders who want
+the whole service rather than the resources call it too.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Tuple
+
+import attr
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from synkeys.config import Config
+from synkeys.errors import ConfigError
+from synkeys.keyfile import (
+    SigningKey,
+    generate_signing_key,
+    key_file_is_private,
+    read_signing_keys,
+    write_signing_keys,
+)
+from synkeys.keyserver import KeyPublisher
+from synkeys.resource import build_root
+from synkeys.tlsinfo import context_factory_of, fingerprint_source
+
+log = Logger()
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class LoadedKeys:
+    """
+    Signing keys read (or generated) at start.
+
+    :ivar keys: The keys.
+    :ivar path: Where they live.
+    :ivar generated: Whether the file was created just now.
+    :ivar private: Whether the file is unreadable by group and others.
+    """
+
+    keys: List[SigningKey]
+    path: str
+    generated: bool
+    private: bool
+
+
+def load_or_generate_keys(path: str) -> LoadedKeys:
+    """
+    Read the signing key file at ``path``, generating a new key there
+    (mode 0600) when the file does not exist.
+
+    :raises ConfigError: when it exists but is unreadable or malformed.
+    """
+    if not os.path.exists(path):
+        key = generate_signing_key()
+        write_signing_keys(path, [key])
+        return LoadedKeys([key], path, True, True)
+    keys = read_signing_keys(path)
+    return LoadedKeys(keys, path, False, key_file_is_private(path))
+
+
+def log_keys(loaded: LoadedKeys) -> None:
+    """Log what :func:`load_or_generate_keys` found, without any secret."""
+    for key in loaded.keys:
+        log.info(
+            "{action} signing key {key_id} (public key {public_key}) in {path}",
+            action="Generated" if loaded.generated else "Loaded",
+            key_id=key.key_id,
+            public_key=key.public_key_b64,
+            path=loaded.path,
+        )
+    if not loaded.private:
+        log.warn(
+            "Signing key file {path} is readable by other users; run chmod 600 on it",
+            path=loaded.path,
+        )
+
+
+def parse_endpoints(reactor: Any, descriptions: List[str]) -> List[Tuple[str, Any]]:
+    """
+    Parse listen endpoint strings.
+
+    :raises ConfigError: naming the endpoint that is invalid.
+    """
+    result = []
+    for description in descriptions:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except Exception as e:  # Twisted raises many kinds here
+            raise ConfigError(f"invalid --listen endpoint {description!r}: {e}") from None
+        result.append((description, endpoint))
+    return result
+
+
+class SynkeysService(MultiService):
+    """
+    The whole service: the key server's resources on every listener.
+
+    :ivar publisher: The :class:`KeyPublisher` serving this server's keys.
+    :ivar site: The :class:`Site` every listener serves.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        loaded_keys: LoadedKeys,
+        endpoints: Optional[List[Tuple[str, Any]]] = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self._loaded_keys = loaded_keys
+        if endpoints is None:
+            endpoints = parse_endpoints(reactor, config.listen)
+        factories = [
+            f for f in (context_factory_of(e) for _, e in endpoints) if f is not None
+        ]
+        self.publisher = KeyPublisher(
+            config.server_name,
+            loaded_keys.keys,
+            reactor,
+            old_keys=config.old_signing_keys,
+            refresh_interval_ms=config.key_refresh_interval,
+            tls_fingerprints=fingerprint_source(factories) if factories else None,
+        )
+        self.site = Site(build_root(self.publisher))
+        self.site.displayTracebacks = False
+        for _, endpoint in endpoints:
+            StreamServerEndpointService(endpoint, self.site).setServiceParent(self)
+
+    def startService(self) -> None:  # noqa: N802
+        log_keys(self._loaded_keys)
+        log.info(
+            "synkeys serving keys of {server_name} on {listen}",
+            server_name=self.config.server_name,
+            listen=", ".join(self.config.listen),
+        )
+        super().startService()

@@ -1,0 +1,143 @@
+"""
+HTTP plumbing shared by every resource: JSON and error responses, CORS
+headers, and running a coroutine behind ``NOT_DONE_YET``.
+
+Every exception becomes ``{"errcode", "error"}`` JSON here and only here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Optional
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from synkeys.errors import MatrixError, unrecognized
+from synkeys.signing import canonical_json
+
+log = Logger()
+
+_CORS_HEADERS = [
+    (b"Access-Control-Allow-Origin", b"*"),
+    (b"Access-Control-Allow-Methods", b"GET, HEAD, POST, PUT, DELETE, OPTIONS"),
+    (
+        b"Access-Control-Allow-Headers",
+        b"X-Requested-With, Content-Type, Authorization, Date",
+    ),
+]
+
+
+def set_cors_headers(request: Request) -> None:
+    """Add the CORS headers homeservers send on every response."""
+    for name, value in _CORS_HEADERS:
+        request.setHeader(name, value)
+
+
+def write_json_bytes(request: Request, code: int, body: bytes) -> None:
+    """Answer ``code`` with ``body`` (already JSON bytes) and finish."""
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    set_cors_headers(request)
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
+
+
+def error_for(failure: Failure) -> MatrixError:
+    """
+    The Matrix error to answer for ``failure``: its own for a
+    :class:`MatrixError`, 503 for a store outage, 500 (logged) otherwise.
+    """
+    exc = failure.value
+    if isinstance(exc, MatrixError):
+        return exc
+    # Imported here: storage sits on a lower floor and http must not need it
+    # to exist for the key server alone to run.
+    from synkeys.storage import StoreUnavailable
+
+    if isinstance(exc, StoreUnavailable):
+        return MatrixError(503, "M_UNKNOWN", "The key store is unavailable; try again.")
+    log.failure("Unexpected error answering a request", failure)
+    return MatrixError(500, "M_UNKNOWN", "Internal server error")
+
+
+def render_error(request: Request, error: MatrixError) -> None:
+    """Answer a Matrix error as JSON and finish."""
+    if error.code == 405:
+        request.setHeader(b"Allow", b"GET, HEAD, POST, OPTIONS")
+    write_json_bytes(request, error.code, canonical_json(error.to_json()))
+
+
+def render_async(
+    request: Request, handler: Callable[[], Awaitable[Optional[bytes]]]
+) -> object:
+    """
+    Run ``handler`` (a coroutine function answering 200 with JSON bytes) and
+    answer its result or its error. The work is cancelled when the client
+    goes away.
+    """
+    d: Deferred[Optional[bytes]] = Deferred.fromCoroutine(handler())  # type: ignore[arg-type]
+    finished = [False]
+
+    def gone(_: object) -> None:
+        finished[0] = True
+        d.cancel()
+
+    request.notifyFinish().addErrback(gone)
+
+    def ok(body: Optional[bytes]) -> None:
+        if not finished[0] and body is not None:
+            write_json_bytes(request, 200, body)
+
+    def fail(failure: Failure) -> None:
+        if finished[0] or failure.check(CancelledError):
+            return
+        render_error(request, error_for(failure))
+
+    d.addCallbacks(ok, fail)
+    d.addErrback(lambda f: log.failure("Error while answering", f))
+    return NOT_DONE_YET
+
+
+class MatrixResource(Resource):
+    """
+    A resource that answers Matrix JSON errors: unknown children are 404
+    ``M_UNRECOGNIZED``, methods without a ``render_*`` are 405.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> Resource:  # noqa: N802
+        return UnrecognizedResource()
+
+    def render(self, request: Request) -> Any:
+        if request.method == b"OPTIONS":
+            write_json_bytes(request, 200, b"{}")
+            return NOT_DONE_YET
+        handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
+        if handler is None:
+            render_error(request, unrecognized(405, "Unrecognized request method"))
+            return NOT_DONE_YET
+        return handler(request)
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802
+        render_error(request, unrecognized(404))
+        return NOT_DONE_YET
+
+    def render_HEAD(self, request: Request) -> Any:  # noqa: N802
+        return self.render_GET(request)
+
+
+class UnrecognizedResource(MatrixResource):
+    """Any path nobody serves: 404 ``M_UNRECOGNIZED`` for every method."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> Any:
+        if request.method == b"OPTIONS":
+            write_json_bytes(request, 200, b"{}")
+        else:
+            render_error(request, unrecognized(404))
+        return NOT_DONE_YET

@@ -1,0 +1,88 @@
+"""
+The ``/_matrix/key/v2`` resource tree: HTTP in, values to the core, HTTP
+out.
+
+Mount it into any :class:`twisted.web.server.Site` with
+:func:`mount_key_resources`, or serve :func:`build_root` on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from synkeys.errors import invalid_param, unrecognized
+from synkeys.http import MatrixResource, render_error, write_json_bytes
+from synkeys.keyserver import KeyPublisher
+from synkeys.servername import is_valid_key_id
+
+
+class ServerKeysResource(MatrixResource):
+    """
+    ``GET /_matrix/key/v2/server``, ``/server/`` and the deprecated
+    ``/server/{keyId}``: this server's signed keys, the same prepared bytes
+    for every request.
+    """
+
+    isLeaf = True
+
+    def __init__(self, publisher: KeyPublisher) -> None:
+        super().__init__()
+        self._publisher = publisher
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802
+        postpath = request.postpath or []
+        if len(postpath) > 1:
+            render_error(request, unrecognized(404))
+        elif postpath and postpath[0] and not is_valid_key_id(
+            postpath[0].decode("utf-8", "replace")
+        ):
+            render_error(request, invalid_param("Invalid key id"))
+        else:
+            # The spec lets a server answer every key for any key id asked.
+            write_json_bytes(request, 200, self._publisher.body())
+        return NOT_DONE_YET
+
+
+class KeyV2Resource(MatrixResource):
+    """
+    ``/_matrix/key/v2``: ``server`` and, when a notary is given, ``query``.
+    """
+
+    def __init__(self, publisher: KeyPublisher, query: Optional[IResource] = None) -> None:
+        super().__init__()
+        self.putChild(b"server", ServerKeysResource(publisher))
+        if query is not None:
+            self.putChild(b"query", query)
+
+
+def _child(parent: Resource, name: bytes) -> Resource:
+    existing = parent.children.get(name)
+    if existing is None:
+        existing = MatrixResource()
+        parent.putChild(name, existing)
+    return existing
+
+
+def mount_key_resources(
+    root: Resource, publisher: KeyPublisher, query: Optional[IResource] = None
+) -> KeyV2Resource:
+    """
+    Mount the key API at ``/_matrix/key/v2`` under ``root``, keeping any
+    other children ``root`` (and an existing ``_matrix`` node) already has.
+
+    :returns: the ``/_matrix/key/v2`` resource.
+    """
+    key = _child(_child(root, b"_matrix"), b"key")
+    v2 = KeyV2Resource(publisher, query)
+    key.putChild(b"v2", v2)
+    return v2
+
+
+def build_root(publisher: KeyPublisher, query: Optional[IResource] = None) -> Resource:
+    """A root resource serving only the key API (404 JSON elsewhere)."""
+    root = MatrixResource()
+    mount_key_resources(root, publisher, query)
+    return root
