@@ -14,6 +14,7 @@ from typing import Any, List, Optional, Tuple
 import attr
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.server import Site
@@ -132,8 +133,24 @@ class SynkeysService(MultiService):
         )
         self.site = Site(build_root(self.publisher))
         self.site.displayTracebacks = False
+        self._listeners = []
         for _, endpoint in endpoints:
-            StreamServerEndpointService(endpoint, self.site).setServiceParent(self)
+            listener = StreamServerEndpointService(endpoint, self.site)
+            # A port that cannot be bound stops the process with the reason,
+            # rather than serving on the other ports and logging quietly.
+            listener._raiseSynchronously = True
+            listener.setServiceParent(self)
+            self._listeners.append(listener)
+
+    def when_listening(self) -> Deferred[List[Any]]:
+        """
+        Fires with the listening ports (``IListeningPort``) once every
+        listener is bound; useful with port 0.
+        """
+        return gatherResults(
+            [listener._waitingForPort for listener in self._listeners],  # type: ignore[attr-defined]
+            consumeErrors=True,
+        )
 
     def startService(self) -> None:  # noqa: N802
         log_keys(self._loaded_keys)

@@ -77,7 +77,7 @@ class IKeyStore(Interface):
     Every method returns a Deferred.
     """
 
-    def store_server_keys(keys: ServerKeys) -> "Deferred[StoreResult]":
+    def store_server_keys(keys: ServerKeys) -> Deferred[StoreResult]:
         """
         Store ``keys`` under every key id it lists.
 
@@ -89,27 +89,27 @@ class IKeyStore(Interface):
 
     def get_server_keys(
         requests: Mapping[str, Optional[Collection[str]]],
-    ) -> "Deferred[Dict[str, Dict[str, ServerKeys]]]":
+    ) -> Deferred[Dict[str, Dict[str, ServerKeys]]]:
         """
         Look up stored responses: ``server_name -> key_ids`` (``None`` or
         empty: every key id stored for that server). Answers
         ``server_name -> {key_id: ServerKeys}`` with only what was found.
         """
 
-    def evict_server(server_name: str) -> "Deferred[int]":
+    def evict_server(server_name: str) -> Deferred[int]:
         """Forget every key of ``server_name``; fires with the rows removed."""
 
-    def ping() -> "Deferred[None]":
+    def ping() -> Deferred[None]:
         """Fire when the store answers; errback when it does not."""
 
-    def close() -> "Deferred[None]":
+    def close() -> Deferred[None]:
         """Release connections; the store is unusable afterwards."""
 
 
 class IFederationClient(Interface):
     """HTTPS to other Matrix servers, with server discovery and limits."""
 
-    def get(server_name: str, path: bytes) -> "Deferred[FederationResponse]":
+    def get(server_name: str, path: bytes) -> Deferred[FederationResponse]:
         """
         GET ``path`` (e.g. ``b"/_matrix/key/v2/server"``) from
         ``server_name``. Errbacks with :class:`synkeys.errors.FetchError`.
@@ -117,7 +117,7 @@ class IFederationClient(Interface):
 
     def post_json(
         server_name: str, path: bytes, body: bytes
-    ) -> "Deferred[FederationResponse]":
+    ) -> Deferred[FederationResponse]:
         """POST the JSON ``body`` bytes to ``path`` on ``server_name``."""
 
 
@@ -126,7 +126,7 @@ class IKeyFetcher(Interface):
 
     name = Attribute("A short name for logs and errors, e.g. 'direct'.")
 
-    def fetch_server_keys(requests: KeyRequests) -> "Deferred[FetchResult]":
+    def fetch_server_keys(requests: KeyRequests) -> Deferred[FetchResult]:
         """
         Find responses for ``requests``. Per-server failures are reported
         in :attr:`FetchResult.failures`; the Deferred itself errbacks only

@@ -83,7 +83,7 @@ class ServerKeys:
     valid_until_ts: int
     fetched_ts: int
     verify_keys: Mapping[str, bytes]
-    old_verify_keys: Mapping[str, "tuple[bytes, int]"]
+    old_verify_keys: Mapping[str, tuple[bytes, int]]
     source: str = ""
 
     def __eq__(self, other: object) -> bool:
@@ -128,7 +128,7 @@ class ServerKeys:
             self.server_name, key_id, old[0], old[1], old[1], self.fetched_ts
         )
 
-    def all_verify_keys(self) -> "dict[str, VerifyKey]":
+    def all_verify_keys(self) -> dict[str, VerifyKey]:
         """Every key the object lists, by key id."""
         result = {}
         for key_id in self.key_ids:

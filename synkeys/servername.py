@@ -19,6 +19,7 @@ from synkeys.errors import InvalidKeyId, InvalidServerName
 _DNS_NAME = re.compile(r"\A[A-Za-z0-9.\-]{1,255}\Z")
 _IPV4 = re.compile(r"\A[0-9]{1,3}(\.[0-9]{1,3}){3}\Z")
 _PORT = re.compile(r"\A[0-9]{1,5}\Z")
+_IPV6_CHARS = re.compile(r"\A[0-9A-Fa-f:.]{2,45}\Z")
 _KEY_ID = re.compile(r"\Aed25519:[A-Za-z0-9_]+\Z")
 _KEY_VERSION = re.compile(r"\A[A-Za-z0-9_]+\Z")
 
@@ -59,6 +60,9 @@ def parse_server_name(server_name: str) -> ServerName:
             raise InvalidServerName(f"unterminated IPv6 literal in {server_name!r}")
         host = server_name[1:end]
         rest = server_name[end + 1 :]
+        if not _IPV6_CHARS.match(host):
+            # ipaddress allows zone ids (fe80::1%eth0); the grammar does not.
+            raise InvalidServerName(f"invalid IPv6 literal in {server_name!r}")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:

@@ -9,6 +9,8 @@ unpadded base64 signature under ``signatures[entity][key_id]``.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
@@ -16,7 +18,7 @@ import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 from canonicaljson import encode_canonical_json
-from unpaddedbase64 import decode_base64, encode_base64
+from unpaddedbase64 import encode_base64
 
 from synkeys.errors import InvalidSignedJson
 
@@ -60,9 +62,12 @@ def decode_b64(text: object) -> bytes:
     """
     if not isinstance(text, str) or not text.isascii():
         raise InvalidSignedJson("base64 value is not an ASCII string")
+    unpadded = text.rstrip("=")
+    if len(unpadded) % 4 == 1 or len(text) - len(unpadded) > 2:
+        raise InvalidSignedJson(f"invalid base64 {text[:20]!r}")
     try:
-        return decode_base64(text)
-    except Exception:
+        return base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)
+    except binascii.Error:
         raise InvalidSignedJson(f"invalid base64 {text[:20]!r}") from None
 
 
@@ -84,6 +89,8 @@ def _reject_float(text: str) -> Any:
 
 
 def _parse_int(text: str) -> int:
+    if text.startswith("-") and text.lstrip("-0") == "":
+        raise InvalidSignedJson("-0 is not canonical JSON")
     if len(text.lstrip("-")) > 16:
         raise InvalidSignedJson("integer out of canonical JSON range")
     value = int(text)

@@ -18,11 +18,17 @@ from synkeys.errors import ConfigError
 
 
 def _repeatable(setting: Setting) -> Any:
-    def opt(self: "Options", value: str) -> None:
+    def opt(self: Options, value: str) -> None:
         self.repeated.setdefault(setting.key, []).append(value)
 
     opt.__doc__ = setting.help
     return opt
+
+
+def _help(setting: Setting) -> str:
+    if setting.default in (None, []):
+        return setting.help
+    return f"{setting.help} [default: {setting.default}]"
 
 
 class Options(usage.Options):
@@ -38,7 +44,7 @@ class Options(usage.Options):
     optParameters: List[List[Any]] = [
         ["config", "c", None, "A YAML config file.", str],
     ] + [
-        [s.flag, None, None, f"{s.help} [default: {s.default}]" if s.default not in (None, []) else s.help]
+        [s.flag, None, None, _help(s)]
         for s in SETTINGS
         if not s.repeatable
     ]
