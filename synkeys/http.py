@@ -72,6 +72,55 @@ def render_error(request: Request, error: MatrixError) -> None:
     write_json_bytes(request, error.code, canonical_json(error.to_json()))
 
 
+#: Largest request body read, in bytes.
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class BoundedRequest(Request):
+    """
+    A request that keeps at most :data:`MAX_BODY_BYTES` of its body: more is
+    discarded (and the resource answers 413), and a client that keeps
+    sending far past the cap is disconnected.
+    """
+
+    max_body_bytes = MAX_BODY_BYTES
+    body_too_large = False
+    _body_bytes = 0
+
+    def gotLength(self, length: Optional[int]) -> None:  # noqa: N802
+        if length is not None and length > self.max_body_bytes:
+            self.body_too_large = True
+            length = None
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        self._body_bytes += len(data)
+        if self._body_bytes > self.max_body_bytes:
+            self.body_too_large = True
+            if self._body_bytes > 16 * self.max_body_bytes and self.channel is not None:
+                self.channel.transport.loseConnection()
+            return
+        super().handleContentChunk(data)
+
+
+def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """
+    The request body, at most ``max_bytes`` of it.
+
+    :raises MatrixError: 413 ``M_TOO_LARGE`` when it is larger.
+    """
+    if getattr(request, "body_too_large", False):
+        raise MatrixError(413, "M_TOO_LARGE", f"Request body is larger than {max_bytes} bytes")
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    body = content.read(max_bytes + 1)
+    if len(body) > max_bytes:
+        raise MatrixError(413, "M_TOO_LARGE", f"Request body is larger than {max_bytes} bytes")
+    return body
+
+
 def render_async(
     request: Request, handler: Callable[[], Awaitable[Optional[bytes]]]
 ) -> object:

@@ -14,8 +14,10 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from synkeys.errors import invalid_param, unrecognized
-from synkeys.http import MatrixResource, render_error, write_json_bytes
+from synkeys.http import MatrixResource, read_body, render_async, render_error, write_json_bytes
 from synkeys.keyserver import KeyPublisher
+from synkeys.notary import Notary
+from synkeys.query import DEFAULT_MAX_KEYS_PER_QUERY, parse_query_body, parse_query_path
 from synkeys.servername import is_valid_key_id
 
 
@@ -44,6 +46,51 @@ class ServerKeysResource(MatrixResource):
             # The spec lets a server answer every key for any key id asked.
             write_json_bytes(request, 200, self._publisher.body())
         return NOT_DONE_YET
+
+
+class QueryResource(MatrixResource):
+    """
+    The notary: ``POST /_matrix/key/v2/query`` (both body forms) and
+    ``GET /_matrix/key/v2/query/{serverName}[/{keyId}]``.
+
+    :param notary: Answers parsed queries.
+    :param max_keys_per_query: Most (server, key id) pairs one POST may ask
+        for; more is 400 ``M_LIMIT_EXCEEDED`` before any fetch starts.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self, notary: Notary, max_keys_per_query: int = DEFAULT_MAX_KEYS_PER_QUERY
+    ) -> None:
+        super().__init__()
+        self._notary = notary
+        self._max_keys = max_keys_per_query
+
+    def _at_root(self, request: Request) -> bool:
+        return not request.postpath or request.postpath == [b""]
+
+    def render_GET(self, request: Request) -> Any:  # noqa: N802
+        if self._at_root(request):
+            render_error(request, unrecognized(405, "Use POST, or GET /query/{serverName}"))
+            return NOT_DONE_YET
+
+        async def answer() -> bytes:
+            query = parse_query_path(request.postpath or [], request.args or {})
+            return await self._notary.query(query)
+
+        return render_async(request, answer)
+
+    def render_POST(self, request: Request) -> Any:  # noqa: N802
+        if not self._at_root(request):
+            render_error(request, unrecognized(405, "POST only to /_matrix/key/v2/query"))
+            return NOT_DONE_YET
+
+        async def answer() -> bytes:
+            query = parse_query_body(read_body(request), self._max_keys)
+            return await self._notary.query(query)
+
+        return render_async(request, answer)
 
 
 class KeyV2Resource(MatrixResource):

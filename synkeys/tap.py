@@ -67,10 +67,19 @@ class Options(usage.Options):
     def _prepare(self) -> None:
         from twisted.internet import reactor
 
-        from synkeys.app import load_or_generate_keys, parse_endpoints
+        from synkeys.app import load_or_generate_keys, parse_endpoints, trusted_key_servers
+        from synkeys.storage import StoreUnavailable, migrate
 
         self.loaded_keys = load_or_generate_keys(self.config.signing_key_path)
+        self.notary_keys = None
+        if self.config.key_server_signing_keys_path:
+            self.notary_keys = load_or_generate_keys(self.config.key_server_signing_keys_path)
+        trusted_key_servers(self.config)
         self.endpoints = parse_endpoints(reactor, self.config.listen)
+        try:
+            migrate(self.config.database)
+        except StoreUnavailable as e:
+            raise ConfigError(f"cannot use database: {e}") from None
 
 
 for _setting in SETTINGS:
@@ -84,4 +93,10 @@ def makeService(options: Options) -> IService:  # noqa: N802
 
     from synkeys.app import SynkeysService
 
-    return SynkeysService(options.config, reactor, options.loaded_keys, options.endpoints)
+    return SynkeysService(
+        options.config,
+        reactor,
+        options.loaded_keys,
+        options.endpoints,
+        notary_keys=options.notary_keys,
+    )
