@@ -138,7 +138,7 @@ class FetchError(SynkeysError):
     :ivar reason: What went wrong, for humans and logs.
     :ivar kind: A short machine-readable outcome, e.g. ``"timeout"``,
         ``"tls"``, ``"blocked"``, ``"http"``, ``"too_large"``, ``"dns"``,
-        ``"connect"``; used for logs and metrics.
+        ``"connect"``, ``"redirect"``; used for logs and metrics.
     """
 
     def __init__(self, server_name: str, reason: str, kind: str = "error") -> None:
