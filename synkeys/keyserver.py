@@ -34,8 +34,9 @@ def build_server_keys(
 ) -> JsonDict:
     """
     The signed server-keys object (pure): every current key in
-    ``verify_keys``, retired ones in ``old_verify_keys``, signed by every
-    current key.
+    ``verify_keys``, retired ones in ``old_verify_keys``, the SHA-256 of
+    each served certificate in ``tls_fingerprints`` (omitted when there are
+    none), signed by every current key.
     """
     obj: JsonDict = {
         "server_name": server_name,
@@ -45,8 +46,11 @@ def build_server_keys(
             k.key_id: {"key": encode_b64(k.key), "expired_ts": k.expired_ts}
             for k in old_keys
         },
-        "tls_fingerprints": [{"sha256": encode_b64(fp)} for fp in tls_fingerprints],
     }
+    if tls_fingerprints:
+        # Omitted rather than empty behind a plain listener (e.g. a TLS
+        # proxy in front): an empty list would vouch for no certificate.
+        obj["tls_fingerprints"] = [{"sha256": encode_b64(fp)} for fp in tls_fingerprints]
     for key in signing_keys:
         obj = sign_json(obj, server_name, key.key_id, key.key)
     return obj

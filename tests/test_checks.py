@@ -143,6 +143,13 @@ class AcceptTests(SynchronousTestCase):
         keys = check(signed(unsigned_response()), peer_certificate_sha256=CERT_SHA256)
         self.assertEqual(keys.server_name, SERVER)
 
+    def test_tls_fingerprints_empty(self) -> None:
+        """An empty tls_fingerprints list vouches for nothing and is not checked."""
+        keys = check(
+            signed(unsigned_response(tls_fingerprints=[])), peer_certificate_sha256=CERT_SHA256
+        )
+        self.assertIn(b'"tls_fingerprints":[]', keys.raw)
+
     def test_tls_fingerprints_without_peer_certificate(self) -> None:
         """A fingerprint list is only checked for shape when the peer cert is unknown."""
         obj = unsigned_response(tls_fingerprints=[{"sha256": encode_b64(b"x" * 32)}])
