@@ -2,7 +2,7 @@
 When the notary fetches an origin again: pure rules on values.
 
 - A cached response is fresh for half of its remaining lifetime at fetch
-  time (the seed design's rule).
+  time (the seed design's rule), that lifetime counting at most 7 days.
 - An origin is fetched at most once an hour, unless a request's
   ``minimum_valid_until_ts`` is not met by what is cached.
 - Failures back off exponentially (bounded); while backing off, requests
@@ -14,7 +14,7 @@ When the notary fetches an origin again: pure rules on values.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Set
 
 import attr
 
@@ -35,8 +35,13 @@ def fresh_until(keys: ServerKeys) -> int:
     """
     Until when (ms) a cached response is fresh: half its remaining
     lifetime at fetch time.
+
+    The lifetime counts at most seven days, as verifiers do today (room
+    versions 5 and later): an origin publishing a year's validity is still
+    looked at again within 3.5 days, so a key it retires or adds does not
+    go unnoticed for half a year.
     """
-    lifetime = max(0, keys.valid_until_ts - keys.fetched_ts)
+    lifetime = min(max(0, keys.valid_until_ts - keys.fetched_ts), MAX_KEY_VALIDITY_MS)
     return keys.fetched_ts + lifetime // 2
 
 
@@ -120,34 +125,47 @@ def decide(
     """
     Whether to fetch an origin now (one of :class:`Decision`'s values).
 
+    The rules, in order:
+
+    1. Nothing cached for a key id asked for (or nothing at all): fetch
+       (``DUE``), unless the origin is backing off after failures
+       (``BACKING_OFF``: a dead origin is not hammered by requests for keys
+       it never gave us) or was fetched successfully within the hour (then
+       the request spends the forced-refetch budget: ``FORCED`` or
+       ``BUDGET_SPENT``).
+    2. The newest cached response is valid until before
+       ``minimum_valid_until_ts``: ``FORCED`` (past any back-off and the
+       one-hour rule) while the budget lasts, else ``BUDGET_SPENT``.
+    3. Past its freshness (:func:`fresh_until`) and not fetched within the
+       hour nor backing off: ``DUE``.
+    4. Otherwise ``CACHED``.
+
     :param state: What is remembered about fetching this origin.
     :param cached: The cached responses for the key ids asked for (for all
         of the origin's keys when ``wanted_key_ids`` is ``None``).
     :param wanted_key_ids: The key ids asked for, ``None`` for all.
     :param minimum_valid_until_ts: Already clamped with
         :func:`clamp_minimum_valid_until`.
+    :param now_ms: The time now.
     """
     cached = list(cached)
-    covered: set = set()
+    covered: Set[str] = set()
     for keys in cached:
         covered |= keys.key_ids
-    missing = not cached or (
-        wanted_key_ids is not None and not set(wanted_key_ids) <= covered
-    )
-    newest = max(cached, key=lambda k: (k.fetched_ts, k.valid_until_ts), default=None)
-    backing_off = now_ms < state.retry_after_ts
+    missing = not cached or (wanted_key_ids is not None and not set(wanted_key_ids) <= covered)
+    # retry_after_ts is the one-hour rule after a success and the back-off
+    # after a failure.
+    waiting = now_ms < state.retry_after_ts
     if missing:
-        if backing_off and state.failures:
+        if waiting and state.failures:
             return Decision.BACKING_OFF
-        if backing_off:
-            # Fetched within the hour, and it did not list this key: a
-            # client asking for unknown key ids spends the forced budget.
+        if waiting:
             return _forced(state, now_ms)
         return Decision.DUE
-    assert newest is not None
+    newest = max(cached, key=lambda k: (k.fetched_ts, k.valid_until_ts))
     if newest.valid_until_ts < minimum_valid_until_ts:
         return _forced(state, now_ms)
-    if now_ms >= fresh_until(newest) and not backing_off:
+    if now_ms >= fresh_until(newest) and not waiting:
         return Decision.DUE
     return Decision.CACHED
 

@@ -34,21 +34,10 @@ Query = Dict[str, ServerQuery]
 
 #: Default cap on (server, key id) pairs in one POST; peers batch up to 1,024.
 DEFAULT_MAX_KEYS_PER_QUERY = 2048
-#: Largest POST body read.
-MAX_QUERY_BODY_BYTES = 1024 * 1024
-
-
-def too_large(limit_bytes: int) -> MatrixError:
-    """413 ``M_TOO_LARGE`` for a body over ``limit_bytes``."""
-    return MatrixError(413, "M_TOO_LARGE", f"Request body is larger than {limit_bytes} bytes")
 
 
 def _timestamp(value: Any, where: str) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not 0 <= value <= MAX_SAFE_INTEGER
-    ):
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SAFE_INTEGER:
         raise bad_json(f"{where}: minimum_valid_until_ts must be a non-negative integer")
     return value
 
@@ -65,9 +54,7 @@ def _key_id(key_id: Any, server: str) -> str:
     return str(key_id)
 
 
-def parse_query_body(
-    body: bytes, max_keys: int = DEFAULT_MAX_KEYS_PER_QUERY
-) -> Query:
+def parse_query_body(body: bytes, max_keys: int = DEFAULT_MAX_KEYS_PER_QUERY) -> Query:
     """
     Parse a ``POST /_matrix/key/v2/query`` body, either today's form
     ``{"server_keys": {srv: {keyId: {"minimum_valid_until_ts": N}}}}`` or
@@ -121,9 +108,7 @@ def parse_query_body(
     return query
 
 
-def parse_query_path(
-    postpath: list[bytes], args: Mapping[bytes, list[bytes]]
-) -> Query:
+def parse_query_path(postpath: list[bytes], args: Mapping[bytes, list[bytes]]) -> Query:
     """
     Parse ``GET /_matrix/key/v2/query/{serverName}[/{keyId}]`` with its
     optional ``minimum_valid_until_ts`` query parameter.
