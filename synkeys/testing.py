@@ -133,8 +133,15 @@ class FakeFederationClient:
             else:
                 answer = _serve(origin.resource, method, path, body)
             if origin.gate is not None:
-                gate = origin.gate
-                return gate.addCallback(lambda _: answer)  # type: ignore[return-value]
+                # Each request gets a Deferred of its own that fires after the gate.
+                held: Deferred[FederationResponse] = Deferred()
+
+                def release(result: object) -> object:
+                    answer.chainDeferred(held)
+                    return result
+
+                origin.gate.addBoth(release)
+                return held
             return answer
         resource = self.resources.get(server_name)
         if resource is not None:

@@ -267,9 +267,9 @@ class FederationClient:
             response_headers.setdefault(name.lower(), []).extend(values)
         log.debug(
             "{method} {server}{path}: {code}, {length} bytes",
-            method=method,
+            method=method.decode("ascii", "replace"),
             server=server_name,
-            path=path,
+            path=path.decode("ascii", "replace"),
             code=response.code,
             length=len(content),
         )
