@@ -32,6 +32,7 @@ setup(
         "postgres": ["psycopg2-binary>=2.9"],
         "interop": ["matrix-synapse"],
         "lint": ["ruff", "mypy", "mypy-zope", "types-PyYAML"],
+        "docs": ["mkdocs>=1.6", "mkdocstrings[python]>=0.25", "ruff"],
     },
     entry_points={"console_scripts": ["synkeys = synkeys.cli:main"]},
     classifiers=[
