@@ -26,6 +26,7 @@ setup(
         "pyyaml>=5.4",
         "attrs>=21.1",
         "idna>=3.0",
+        "prometheus_client>=0.12",
     ],
     extras_require={
         "test": ["trustme>=1.0", "hypothesis>=6.0"],

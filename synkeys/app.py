@@ -4,6 +4,13 @@ Putting the pieces together: a running synkeys service from a
 
 ``tap.py`` (``twistd synkeys``) and the CLI call this; embedders who want
 the whole service rather than the resources call it too.
+
+The service also operates itself: every seam is observed by
+:mod:`synkeys.metrics` (served on the ``--metrics`` listeners), ``GET
+/health`` answers load balancers (:mod:`synkeys.health`), and stopping it
+(SIGTERM under ``twistd``) stops accepting connections, lets the requests
+in progress finish within :data:`DEFAULT_DRAIN_TIMEOUT_S`, and then closes
+the store.
 """
 
 from __future__ import annotations
@@ -13,8 +20,8 @@ from typing import Any, List, Optional, Tuple
 
 import attr
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, FirstError, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.web.server import Site
@@ -29,7 +36,8 @@ from synkeys.fetchers import (
     TrustedKeyServer,
     perspectives_from_config,
 )
-from synkeys.http import BoundedRequest
+from synkeys.health import HealthResource, ServiceSite
+from synkeys.http import BoundedRequest, configure_access_log
 from synkeys.interfaces import IFederationClient, IKeyStore
 from synkeys.keyfile import (
     SigningKey,
@@ -40,6 +48,13 @@ from synkeys.keyfile import (
 )
 from synkeys.keyring import Keyring
 from synkeys.keyserver import KeyPublisher
+from synkeys.metrics import (
+    ObservedFederationClient,
+    ObservedFetcher,
+    ServiceMetrics,
+    TimedKeyStore,
+    metrics_site,
+)
 from synkeys.notary import Notary
 from synkeys.resource import QueryResource, build_root
 from synkeys.storage import open_store
@@ -47,6 +62,9 @@ from synkeys.storage.opening import OpeningStore
 from synkeys.tlsinfo import context_factory_of, fingerprint_source
 
 log = Logger()
+
+#: How long stopping waits for requests in progress before closing the store.
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -98,10 +116,13 @@ def log_keys(loaded: LoadedKeys) -> None:
         )
 
 
-def parse_endpoints(reactor: Any, descriptions: List[str]) -> List[Tuple[str, Any]]:
+def parse_endpoints(
+    reactor: Any, descriptions: List[str], flag: str = "listen"
+) -> List[Tuple[str, Any]]:
     """
     Parse listen endpoint strings.
 
+    :param flag: The option they came from, for the error message.
     :raises ConfigError: naming the endpoint that is invalid.
     """
     result = []
@@ -109,7 +130,7 @@ def parse_endpoints(reactor: Any, descriptions: List[str]) -> List[Tuple[str, An
         try:
             endpoint = serverFromString(reactor, description)
         except Exception as e:  # Twisted raises many kinds here
-            raise ConfigError(f"invalid --listen endpoint {description!r}: {e}") from None
+            raise ConfigError(f"invalid --{flag} endpoint {description!r}: {e}") from None
         result.append((description, endpoint))
     return result
 
@@ -155,10 +176,16 @@ def build_keyring(
     store: IKeyStore,
     publisher: KeyPublisher,
     client: Optional[IFederationClient] = None,
+    *,
+    metrics: Optional[ServiceMetrics] = None,
 ) -> Keyring:
     """
     The keyring the notary fetches through: upstream notaries (if
     configured) and then the origins themselves, writing to ``store``.
+
+    :param metrics: When given, the client and every fetcher are observed
+        (timed, counted, and each fetch outcome logged), and the keyring
+        reports batch sizes and notary disagreements to it.
     """
     if client is None:
         client = FederationClient(
@@ -170,6 +197,8 @@ def build_keyring(
             max_response_bytes=config.max_response_size,
             max_concurrent=config.max_concurrent_fetches,
         )
+    if metrics is not None:
+        client = ObservedFederationClient(client, metrics)
     fetchers: List[Any] = [
         PerspectivesKeyFetcher.from_trusted(client, reactor, trusted)
         for trusted in trusted_key_servers(config)
@@ -177,23 +206,45 @@ def build_keyring(
     fetchers.append(
         DirectKeyFetcher(client, reactor, max_concurrent=config.max_concurrent_fetches)
     )
+    if metrics is not None:
+        fetchers = [ObservedFetcher(fetcher, metrics) for fetcher in fetchers]
     return Keyring(
         fetchers,
         reactor,
         store=store,
         local_server_name=config.server_name,
         local_verify_keys=publisher.verify_keys,
+        on_disagreement=metrics.observe_disagreement if metrics is not None else None,
+        on_batch=metrics.observe_batch if metrics is not None else None,
     )
 
 
 class SynkeysService(MultiService):
     """
-    The whole service: the key server and the notary on every listener.
+    The whole service: the key server, the notary and ``/health`` on every
+    listener, and Prometheus metrics on the metrics listeners.
+
+    :param config: The resolved settings.
+    :param reactor: The reactor (or fakes providing what is used of it).
+    :param loaded_keys: This server's signing keys.
+    :param endpoints: ``(description, endpoint)`` to serve on; parsed from
+        ``config.listen`` when ``None``.
+    :param notary_keys: Separate keys the notary countersigns with.
+    :param federation_client: Replaces the HTTPS client (for tests).
+    :param metrics_endpoints: Where to serve metrics; parsed from
+        ``config.metrics`` when ``None``.
+    :param metrics: The metrics to feed; a new :class:`ServiceMetrics` (with
+        a registry of its own) when ``None``.
+    :param drain_timeout_s: How long stopping waits for requests in
+        progress.
 
     :ivar publisher: The :class:`KeyPublisher` serving this server's keys.
     :ivar notary: The :class:`Notary` answering ``/query``.
     :ivar store: The key store (opened in the background).
-    :ivar site: The :class:`Site` every listener serves.
+    :ivar site: The :class:`~synkeys.health.ServiceSite` every listener
+        serves.
+    :ivar metrics: The service's :class:`ServiceMetrics`.
+    :ivar metrics_site: The :class:`Site` the metrics listeners serve.
     """
 
     def __init__(
@@ -205,14 +256,21 @@ class SynkeysService(MultiService):
         *,
         notary_keys: Optional[LoadedKeys] = None,
         federation_client: Optional[IFederationClient] = None,
+        metrics_endpoints: Optional[List[Tuple[str, Any]]] = None,
+        metrics: Optional[ServiceMetrics] = None,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
     ) -> None:
         super().__init__()
         self.config = config
         self._loaded_keys = loaded_keys
         self._notary_keys = notary_keys
         self._reactor = reactor
+        self._drain_timeout_s = drain_timeout_s
         if endpoints is None:
             endpoints = parse_endpoints(reactor, config.listen)
+        if metrics_endpoints is None:
+            metrics_endpoints = parse_endpoints(reactor, config.metrics, "metrics")
+        self.metrics = metrics if metrics is not None else ServiceMetrics(reactor)
         factories = [
             f for f in (context_factory_of(e) for _, e in endpoints) if f is not None
         ]
@@ -225,43 +283,57 @@ class SynkeysService(MultiService):
             tls_fingerprints=fingerprint_source(factories) if factories else None,
         )
         self.store = OpeningStore(open_store(config.database, reactor))
-        self.keyring = build_keyring(config, reactor, self.store, self.publisher, federation_client)
+        timed_store = TimedKeyStore(self.store, self.metrics)
+        self.keyring = build_keyring(
+            config, reactor, timed_store, self.publisher, federation_client, metrics=self.metrics
+        )
         self.notary = Notary(
-            self.store,
+            timed_store,
             self.keyring,
             reactor,
             server_name=config.server_name,
             signing_keys=(notary_keys or loaded_keys).keys,
             local_publisher=self.publisher,
         )
+        self.metrics.watch_notary(self.notary.counters)
         query = QueryResource(self.notary, config.max_keys_per_query)
-        self.site = Site(build_root(self.publisher, query))
+        root = build_root(self.publisher, query)
+        self.site = ServiceSite(root, reactor=reactor, on_request_done=self.metrics.observe_request)
+        # Beside /_matrix, at the root, where load balancers look for it.
+        root.putChild(
+            b"health", HealthResource(timed_store, reactor, draining=lambda: self.site.draining)
+        )
         self.site.requestFactory = BoundedRequest
         self.site.displayTracebacks = False
-        self._listeners = []
+        configure_access_log(self.site, config.access_log)
+        self.metrics.watch_site(self.site)
+        self.metrics_site = metrics_site(self.metrics, reactor)
+        self._listeners = self._listen(endpoints, self.site)
+        self._metrics_listeners = self._listen(metrics_endpoints, self.metrics_site)
+
+    def _listen(
+        self, endpoints: List[Tuple[str, Any]], site: Site
+    ) -> List[StreamServerEndpointService]:
+        listeners = []
         for _, endpoint in endpoints:
-            listener = StreamServerEndpointService(endpoint, self.site)
+            listener = StreamServerEndpointService(endpoint, site)
             # A port that cannot be bound stops the process with the reason,
             # rather than serving on the other ports and logging quietly.
             listener._raiseSynchronously = True
             listener.setServiceParent(self)
-            self._listeners.append(listener)
+            listeners.append(listener)
+        return listeners
 
     def when_listening(self) -> Deferred[List[Any]]:
         """
         Fires with the listening ports (``IListeningPort``) once every
         listener is bound; useful with port 0.
         """
-        return gatherResults(
-            [listener._waitingForPort for listener in self._listeners],  # type: ignore[attr-defined]
-            consumeErrors=True,
-        )
+        return _ports_of(self._listeners)
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802
-        d = super().stopService()
-        d.addBoth(lambda _: self.store.close() if self.store.store is not None else None)
-        d.addErrback(lambda f: log.failure("Closing the key store failed", f))
-        return d
+    def when_metrics_listening(self) -> Deferred[List[Any]]:
+        """As :meth:`when_listening`, for the metrics listeners."""
+        return _ports_of(self._metrics_listeners)
 
     def startService(self) -> None:  # noqa: N802
         log_keys(self._loaded_keys)
@@ -273,3 +345,77 @@ class SynkeysService(MultiService):
             listen=", ".join(self.config.listen),
         )
         super().startService()
+        for listener in self._listeners:
+            _port_of(listener).addCallback(_log_port, "requests")
+        for listener in self._metrics_listeners:
+            _port_of(listener).addCallback(_log_port, "metrics")
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        """
+        Stop accepting connections, wait (at most the drain timeout) for
+        the requests in progress, stop the other services (the metrics
+        listeners), then close the store.
+        """
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        # From here on /health answers 503 and responses close their
+        # connections, so load balancers move to other instances.
+        self.site.start_draining()
+        await _stop_all([s for s in self._listeners if s.running])
+        open_requests = len(self.site.open_requests)
+        if open_requests:
+            log.info(
+                "Stopped accepting connections; waiting up to {timeout_s} s for "
+                "{count} requests in progress",
+                timeout_s=self._drain_timeout_s,
+                count=open_requests,
+            )
+        left = await self.site.drain(self._drain_timeout_s)
+        if left:
+            log.warn(
+                "{count} connections ({requests} requests in progress) still open after "
+                "{timeout_s} s; stopping anyway",
+                count=left,
+                requests=len(self.site.open_requests),
+                timeout_s=self._drain_timeout_s,
+            )
+        await _stop_all([s for s in reversed(list(self)) if s.running])
+        if self.store.store is not None:
+            try:
+                await self.store.close()
+            except Exception:
+                log.failure("Closing the key store failed")
+            else:
+                log.info("Closed the key store")
+
+
+def _port_of(listener: StreamServerEndpointService) -> Deferred[Any]:
+    """The Deferred port of a started listener (Twisted keeps it privately)."""
+    waiting = listener._waitingForPort
+    assert waiting is not None, "the service has not been started"
+    return waiting
+
+
+def _ports_of(listeners: List[StreamServerEndpointService]) -> Deferred[List[Any]]:
+    return gatherResults([_port_of(listener) for listener in listeners], consumeErrors=True)
+
+
+def _log_port(port: Any, what: str) -> Any:
+    address = port.getHost()
+    log.info(
+        "Listening for {what} on {host}:{port}",
+        what=what,
+        host=getattr(address, "host", address),
+        port=getattr(address, "port", ""),
+    )
+    return port
+
+
+async def _stop_all(services: List[IService]) -> None:
+    """Stop ``services`` together; a failure is logged, not raised."""
+    try:
+        await gatherResults([maybeDeferred(s.stopService) for s in services], consumeErrors=True)
+    except FirstError as e:
+        log.failure("Stopping a service failed", e.subFailure)

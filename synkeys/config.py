@@ -103,6 +103,32 @@ def parse_positive_int(value: Any) -> int:
     return number
 
 
+def parse_access_log(value: Any) -> str:
+    """
+    Where the access log goes: ``off``, ``log`` (the twistd log) or a file
+    path. YAML reads a bare ``off``/``on`` as a boolean: false is ``off``,
+    true is ``log``.
+    """
+    if isinstance(value, bool):
+        return "log" if value else "off"
+    text = str(value).strip()
+    if not text:
+        raise ConfigError("access log: use off, log, or a file path")
+    return text
+
+
+#: More worker processes than this is a mistake, whatever the machine.
+MAX_WORKERS = 64
+
+
+def parse_workers(value: Any) -> int:
+    """A number of worker processes, 1 to :data:`MAX_WORKERS`."""
+    number = parse_positive_int(value)
+    if number > MAX_WORKERS:
+        raise ConfigError(f"at most {MAX_WORKERS} workers, got {number}")
+    return number
+
+
 def parse_cidr(value: Any) -> str:
     """An IPv4 or IPv6 network in CIDR notation."""
     try:
@@ -176,6 +202,19 @@ SETTINGS: Sequence[Setting] = (
     Setting("fetch-timeout", "fetch_timeout", 30.0,
             "Seconds an origin fetch may take in all.",
             parse=parse_seconds, metavar="SECONDS"),
+    Setting("metrics", "metrics", [],
+            "A Twisted endpoint serving Prometheus metrics, apart from --listen, e.g. "
+            "tcp:9108:interface=127.0.0.1 (repeatable; default: no metrics listener).",
+            repeatable=True, metavar="ENDPOINT"),
+    Setting("access-log", "access_log", "off",
+            "One line per request (combined log format): 'off', 'log' (into the "
+            "twistd log) or a file path. Off by default: it costs about a quarter "
+            "of the key server's throughput (see docs/performance.md).",
+            parse=parse_access_log, metavar="WHERE"),
+    Setting("workers", "workers", 1,
+            "Processes serving the listeners and sharing the store (see "
+            "docs/performance.md); at most one per core is useful.",
+            parse=parse_workers, metavar="N"),
 )
 
 SETTINGS_BY_KEY: Mapping[str, Setting] = {s.key: s for s in SETTINGS}
@@ -201,6 +240,9 @@ class Config:
     max_concurrent_fetches: int
     connect_timeout: float
     fetch_timeout: float
+    metrics: List[str] = attr.Factory(list)
+    access_log: str = "off"
+    workers: int = 1
 
 
 def read_config_file(path: str) -> Dict[str, Any]:

@@ -44,11 +44,14 @@ from synkeys.signing import (
     verify_signature,
 )
 
-__all__ = ["DisagreementHook", "Keyring"]
+__all__ = ["BatchHook", "DisagreementHook", "Keyring"]
 
 #: Called as ``hook(server_name, key_id, {notary_name: key_bytes})`` when
 #: notaries disagree about a key.
 DisagreementHook = Callable[[str, str, Mapping[str, bytes]], None]
+#: Called as ``hook(servers, pairs)`` when a batch starts fetching: how many
+#: servers and ``(server, key id)`` pairs it holds.
+BatchHook = Callable[[int, int], None]
 
 #: Internal key id meaning "every key of the server" (never a valid key id).
 _ALL_KEYS = ""
@@ -191,6 +194,7 @@ class Keyring:
         them must report the same key bytes.
     :param quorum: How many notaries must agree under ``"quorum"``.
     :param on_disagreement: Called (for metrics) when notaries disagree.
+    :param on_batch: Called (for metrics) when a batch starts fetching.
     :param max_batch_keys: Most ``(server, key id)`` pairs in one batch;
         more are split into further batches.
     :param max_waiters: Most callers waiting for one batch; more fail at
@@ -214,6 +218,7 @@ class Keyring:
         policy: str = "first",
         quorum: int = 1,
         on_disagreement: DisagreementHook | None = None,
+        on_batch: BatchHook | None = None,
         max_batch_keys: int = 1000,
         max_waiters: int = 10000,
     ) -> None:
@@ -237,6 +242,7 @@ class Keyring:
         self._policy = policy
         self._quorum = quorum
         self._on_disagreement = on_disagreement
+        self._on_batch = on_batch
         self._max_batch_keys = max(1, max_batch_keys)
         self._max_waiters = max(1, max_waiters)
         self.disagreements = 0
@@ -513,6 +519,11 @@ class Keyring:
         if self._pending is flight:
             self._pending = None
         flight.started = True
+        if self._on_batch is not None:
+            try:
+                self._on_batch(len(flight.requests), flight.pairs)
+            except Exception:  # a metrics hook must not fail lookups
+                self.log.failure("batch hook failed")
         running = Deferred.fromCoroutine(self._run(flight))
         running.addErrback(self._crashed, flight)
         running.addCallback(self._finish, flight)

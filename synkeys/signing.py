@@ -63,7 +63,10 @@ def decode_b64(text: object) -> bytes:
     if not isinstance(text, str) or not text.isascii():
         raise InvalidSignedJson("base64 value is not an ASCII string")
     unpadded = text.rstrip("=")
-    if len(unpadded) % 4 == 1 or len(text) - len(unpadded) > 2:
+    # Unpadded, or padded to a multiple of four: "AAAA=" and "AAE==" are
+    # neither, and accepting them would give one key several spellings.
+    padded = len(text) != len(unpadded)
+    if len(unpadded) % 4 == 1 or (padded and len(text) % 4):
         raise InvalidSignedJson(f"invalid base64 {text[:20]!r}")
     try:
         return base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)

@@ -76,6 +76,7 @@ class Options(usage.Options):
             self.notary_keys = load_or_generate_keys(self.config.key_server_signing_keys_path)
         trusted_key_servers(self.config)
         self.endpoints = parse_endpoints(reactor, self.config.listen)
+        self.metrics_endpoints = parse_endpoints(reactor, self.config.metrics, "metrics")
         try:
             migrate(self.config.database)
         except StoreUnavailable as e:
@@ -99,4 +100,5 @@ def makeService(options: Options) -> IService:  # noqa: N802
         options.loaded_keys,
         options.endpoints,
         notary_keys=options.notary_keys,
+        metrics_endpoints=options.metrics_endpoints,
     )
