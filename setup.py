@@ -29,7 +29,7 @@ setup(
         "prometheus_client>=0.12",
     ],
     extras_require={
-        "test": ["trustme>=1.0", "hypothesis>=6.0"],
+        "test": ["trustme>=1.0", "hypothesis>=6.0", "psycopg2-binary>=2.9"],
         "postgres": ["psycopg2-binary>=2.9"],
         "interop": ["matrix-synapse"],
         "lint": ["ruff", "mypy", "mypy-zope", "types-PyYAML"],
