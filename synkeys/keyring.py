@@ -3,11 +3,20 @@ The keyring: finds other servers' keys through a chain of fetchers and
 verifies signed JSON with them.
 
 Every lookup made in one reactor turn (or within ``batch_window_s``) is
-merged into one batch, so each fetcher is asked once for the union of what
-is missing: a hundred events from twenty servers cost one POST per notary.
-A key that is already being fetched is not fetched again in parallel;
-later callers wait for the outstanding fetch, each on its own Deferred, so
-cancelling one caller leaves the others (and the fetch) alone.
+merged into one batch, so each notary and the store are asked once for the
+union of what is missing: a hundred events from twenty servers cost one
+POST per notary. Any other fetcher (an origin fetcher such as
+:class:`DirectKeyFetcher <synkeys.fetchers.DirectKeyFetcher>`, which asks
+each origin on its own anyway) is asked once per server, all servers at
+once, so that one origin answering only at the fetch timeout holds back
+nobody else's lookup.
+
+A batch settles server by server: the callers waiting for a server are
+answered as soon as that server's keys are found, or as soon as the chain
+is done with it, not when the whole batch is done. A key that is already
+being fetched is not fetched again in parallel; later callers wait for the
+outstanding fetch, each on its own Deferred, so cancelling one caller
+leaves the others (and the fetch) alone.
 
 The chain runs in order: what one fetcher did not find goes to the next.
 Under the ``"quorum"`` policy, consecutive notary fetchers (those with a
@@ -62,6 +71,12 @@ MAX_RESPONSES_PER_SERVER = 16
 #: How often a lookup re-joins after waiting for a fetch that asked for
 #: less validity than it needs.
 _MAX_ROUNDS = 3
+
+#: How a stage of the chain asks its fetchers: several notaries in parallel
+#: (quorum), one fetcher for the whole batch, or one fetcher per server.
+_QUORUM = "quorum"
+_BATCH = "batch"
+_EACH = "each"
 
 _Pair = tuple[str, str]
 
@@ -137,15 +152,30 @@ class _Outcome:
                 self.rejected[pair] = reason
 
 
-class _Flight:
-    """One batch of pairs: collected during a turn, then fetched once."""
+@attr.s(auto_attribs=True, eq=False)
+class _Waiter:
+    """One caller of a batch, and the servers of the batch it still waits for."""
 
-    def __init__(self) -> None:
+    deferred: Deferred[_Outcome]
+    servers: set[str]
+
+
+class _Flight:
+    """
+    One batch of pairs: collected during a turn, then fetched once.
+
+    Its outcome is filled in server by server; a server in ``done`` is
+    settled (no fetcher will be asked about it again in this batch), so
+    what the outcome says about it is final.
+    """
+
+    def __init__(self, cap: bool) -> None:
         self.requests: dict[str, dict[str, int]] = {}
         self.pairs = 0
         self.started = False
-        self.outcome: _Outcome | None = None
-        self.waiters: list[Deferred[_Outcome]] = []
+        self.outcome = _Outcome(cap)
+        self.done: set[str] = set()
+        self.waiters: list[_Waiter] = []
 
     def add(self, server_name: str, key_id: str, minimum_ts: int) -> None:
         key_ids = self.requests.setdefault(server_name, {})
@@ -163,6 +193,18 @@ def _is_notary(fetcher: IKeyFetcher) -> bool:
     return getattr(fetcher, "notary_name", None) is not None
 
 
+def _asked_per_server(fetcher: IKeyFetcher) -> bool:
+    """
+    Whether the keyring asks ``fetcher`` about one server at a time.
+
+    A notary answers a whole batch with one POST and the store with one
+    query, so they get the batch; any other fetcher (an origin fetcher,
+    perhaps wrapped for metrics) is asked per server, so that each server's
+    answer is used the moment it arrives.
+    """
+    return not _is_notary(fetcher) and not isinstance(fetcher, StoreKeyFetcher)
+
+
 def _fetcher_requests(
     todo: Mapping[str, Mapping[str, int]],
 ) -> dict[str, dict[str, int]]:
@@ -178,7 +220,9 @@ class Keyring:
 
     :param fetchers: Asked in order; put a
         :class:`~synkeys.fetchers.StoreKeyFetcher` first to answer from the
-        store without network.
+        store without network. Notaries (fetchers with a ``notary_name``)
+        and the store fetcher are asked once per batch; any other fetcher
+        once per server of the batch, concurrently.
     :param clock: Schedules batches and stamps local keys.
     :param store: Every response a fetcher finds is written here; a key id
         the store already binds to different bytes is not used.
@@ -247,18 +291,27 @@ class Keyring:
         self._max_waiters = max(1, max_waiters)
         self.disagreements = 0
         self._stages = self._build_stages()
+        # From this stage on, every stage asks per server: each server of a
+        # batch then goes down the rest of the chain on its own.
+        self._alone_from = len(self._stages)
+        while self._alone_from > 0 and self._stages[self._alone_from - 1][0] == _EACH:
+            self._alone_from -= 1
         self._pending: _Flight | None = None
         self._inflight: dict[_Pair, _Flight] = {}
 
-    def _build_stages(self) -> list[tuple[bool, list[IKeyFetcher]]]:
+    def _build_stages(self) -> list[tuple[str, list[IKeyFetcher]]]:
         """Fetchers in order; under quorum, runs of notaries form one stage."""
-        stages: list[tuple[bool, list[IKeyFetcher]]] = []
+        stages: list[tuple[str, list[IKeyFetcher]]] = []
         for fetcher in self._fetchers:
-            together = self._policy == "quorum" and _is_notary(fetcher)
-            if together and stages and stages[-1][0]:
-                stages[-1][1].append(fetcher)
+            if self._policy == "quorum" and _is_notary(fetcher):
+                if stages and stages[-1][0] == _QUORUM:
+                    stages[-1][1].append(fetcher)
+                else:
+                    stages.append((_QUORUM, [fetcher]))
+            elif _asked_per_server(fetcher):
+                stages.append((_EACH, [fetcher]))
             else:
-                stages.append((together, [fetcher]))
+                stages.append((_BATCH, [fetcher]))
         return stages
 
     # -- public API -----------------------------------------------------
@@ -458,7 +511,8 @@ class Keyring:
         merged = _Outcome(self._cap)
         todo = {server: dict(key_ids) for server, key_ids in requests.items()}
         for _round in range(_MAX_ROUNDS):
-            flights: dict[int, _Flight] = {}
+            # id(flight) -> (flight, the servers this lookup waits for in it)
+            flights: dict[int, tuple[_Flight, set[str]]] = {}
             retry: dict[str, dict[str, int]] = {}
             for server_name, key_ids in todo.items():
                 for key_id, minimum_ts in key_ids.items():
@@ -471,10 +525,10 @@ class Keyring:
                         # Never fetch a pair twice at once: wait, then ask
                         # again for the validity that fetch did not ask for.
                         retry.setdefault(server_name, {})[key_id] = minimum_ts
-                    flights[id(flight)] = flight
-            for flight in flights.values():
-                outcome = await self._wait(flight)
-                merged.merge(outcome, todo)
+                    flights.setdefault(id(flight), (flight, set()))[1].add(server_name)
+            for flight, servers in flights.values():
+                outcome = await self._wait(flight, servers)
+                merged.merge(outcome, servers)
             todo = {
                 server_name: unmet
                 for server_name, key_ids in retry.items()
@@ -494,26 +548,29 @@ class Keyring:
     def _enqueue(self, server_name: str, key_id: str, minimum_ts: int) -> _Flight:
         flight = self._pending
         if flight is None or flight.pairs >= self._max_batch_keys:
-            flight = self._pending = _Flight()
+            flight = self._pending = _Flight(self._cap)
             self._clock.callLater(self._batch_window_s, self._start, flight)
         flight.add(server_name, key_id, minimum_ts)
         self._inflight[(server_name, key_id)] = flight
         return flight
 
-    def _wait(self, flight: _Flight) -> Deferred[_Outcome]:
-        """A Deferred of its own for one caller of ``flight``."""
-        if flight.outcome is not None:
+    def _wait(self, flight: _Flight, servers: Iterable[str]) -> Deferred[_Outcome]:
+        """
+        A Deferred of its own for one caller of ``flight``, firing with the
+        flight's outcome once every one of ``servers`` is settled.
+        """
+        remaining = set(servers) - flight.done
+        if not remaining:
             return succeed(flight.outcome)
         if len(flight.waiters) >= self._max_waiters:
             raise _Busy()
 
-        def forget(waiter: Deferred[_Outcome]) -> None:
-            if waiter in flight.waiters:
-                flight.waiters.remove(waiter)
+        def forget(deferred: Deferred[_Outcome]) -> None:
+            flight.waiters[:] = [w for w in flight.waiters if w.deferred is not deferred]
 
-        waiter: Deferred[_Outcome] = Deferred(forget)
+        waiter = _Waiter(Deferred(forget), remaining)
         flight.waiters.append(waiter)
-        return waiter
+        return waiter.deferred
 
     def _start(self, flight: _Flight) -> None:
         if self._pending is flight:
@@ -526,42 +583,117 @@ class Keyring:
                 self.log.failure("batch hook failed")
         running = Deferred.fromCoroutine(self._run(flight))
         running.addErrback(self._crashed, flight)
-        running.addCallback(self._finish, flight)
+        running.addCallback(self._finish_all, flight)
 
-    def _crashed(self, failure: Failure, flight: _Flight) -> _Outcome:
+    def _crashed(self, failure: Failure, flight: _Flight) -> None:
         self.log.failure("key fetch crashed", failure=failure)
-        outcome = _Outcome(self._cap)
         for server_name in flight.requests:
-            outcome.add_reason(server_name, "internal error")
-        return outcome
+            if server_name not in flight.done:
+                flight.outcome.add_reason(server_name, "internal error")
 
-    def _finish(self, outcome: _Outcome, flight: _Flight) -> None:
-        for server_name, key_ids in flight.requests.items():
-            for key_id in key_ids:
-                if self._inflight.get((server_name, key_id)) is flight:
-                    del self._inflight[(server_name, key_id)]
-        flight.outcome = outcome
-        waiters, flight.waiters = flight.waiters, []
-        for waiter in waiters:
-            waiter.callback(outcome)
+    def _finish_all(self, _ignored: object, flight: _Flight) -> None:
+        for server_name in list(flight.requests):
+            self._finish(flight, server_name)
+
+    def _finish(self, flight: _Flight, server_name: str) -> None:
+        """
+        Settle ``server_name`` in ``flight``: its pairs are no longer in
+        flight, and every caller whose servers are now all settled is
+        answered, whatever the rest of the batch is still doing.
+        """
+        if server_name in flight.done:
+            return
+        flight.done.add(server_name)
+        key_ids = flight.requests[server_name]
+        missing = self._missing({server_name: key_ids}, flight.outcome)
+        if missing and not flight.outcome.reasons.get(server_name):
+            described = ", ".join(sorted(k for k in missing[server_name] if k)) or "any key"
+            flight.outcome.add_reason(server_name, f"no fetcher found {described}")
+        for key_id in key_ids:
+            if self._inflight.get((server_name, key_id)) is flight:
+                del self._inflight[(server_name, key_id)]
+        ready = []
+        for waiter in flight.waiters:
+            waiter.servers.discard(server_name)
+            if not waiter.servers:
+                ready.append(waiter)
+        flight.waiters = [w for w in flight.waiters if w.servers]
+        for waiter in ready:
+            # A caller answered just before may have cancelled this one.
+            if not waiter.deferred.called:
+                waiter.deferred.callback(flight.outcome)
 
     # -- the fetcher chain -------------------------------------------------
 
-    async def _run(self, flight: _Flight) -> _Outcome:
-        outcome = _Outcome(self._cap)
-        for together, fetchers in self._stages:
-            todo = self._missing(flight.requests, outcome)
+    async def _run(self, flight: _Flight) -> None:
+        """
+        Run the chain for ``flight``, settling each server as soon as
+        nothing is missing for it; :meth:`_finish_all` settles the rest.
+        """
+        outcome = flight.outcome
+        for index, (mode, fetchers) in enumerate(self._stages):
+            open_requests = {
+                server_name: key_ids
+                for server_name, key_ids in flight.requests.items()
+                if server_name not in flight.done
+            }
+            todo = self._missing(open_requests, outcome)
+            for server_name in open_requests:
+                if server_name not in todo:
+                    self._finish(flight, server_name)
             if not todo:
-                break
-            if together:
+                return
+            if index >= self._alone_from:
+                await gatherResults(
+                    [
+                        Deferred.fromCoroutine(
+                            self._run_server(flight, server_name, self._stages[index:], last=True)
+                        )
+                        for server_name in todo
+                    ]
+                )
+                return
+            if mode == _QUORUM:
                 await self._run_quorum(fetchers, todo, outcome)
+            elif mode == _EACH:
+                # A batch-wide fetcher comes later: servers this one does not
+                # find wait for each other here, so that one is asked once.
+                await gatherResults(
+                    [
+                        Deferred.fromCoroutine(
+                            self._run_server(flight, server_name, [(mode, fetchers)], last=False)
+                        )
+                        for server_name in todo
+                    ]
+                )
             else:
                 await self._run_one(fetchers[0], todo, outcome)
-        for server_name, key_ids in self._missing(flight.requests, outcome).items():
-            if not outcome.reasons.get(server_name):
-                missing = ", ".join(sorted(k for k in key_ids if k)) or "any key"
-                outcome.add_reason(server_name, f"no fetcher found {missing}")
-        return outcome
+
+    async def _run_server(
+        self,
+        flight: _Flight,
+        server_name: str,
+        stages: Sequence[tuple[str, list[IKeyFetcher]]],
+        *,
+        last: bool,
+    ) -> None:
+        """
+        Ask the fetchers of ``stages`` about ``server_name`` alone, in order;
+        settle it once nothing is missing, or after them when ``last``.
+        """
+        requests = {server_name: flight.requests[server_name]}
+        try:
+            for _mode, fetchers in stages:
+                todo = self._missing(requests, flight.outcome)
+                if not todo:
+                    break
+                await self._run_one(fetchers[0], todo, flight.outcome)
+        except Exception:  # logged; only this server fails
+            self.log.failure("key fetch of {server} crashed", server=server_name)
+            flight.outcome.add_reason(server_name, "internal error")
+            last = True
+        if last or not self._missing(requests, flight.outcome):
+            self._finish(flight, server_name)
 
     def _missing(
         self, requests: Mapping[str, Mapping[str, int]], outcome: _Outcome

@@ -457,12 +457,6 @@ class SlowOriginIsolationTests(SynchronousTestCase):
             clock.advance(0)
             self.successResultOf(slow_answer)
 
-    test_slow_origin_does_not_hold_back_others.todo = (  # type: ignore[attr-defined]
-        "keyring batches resolve all their waiters together, so an origin that answers at "
-        "the fetch timeout delays every lookup batched with it (seen in bench/soak.py as "
-        "~3 s maximum latencies); reported to the keyring owner"
-    )
-
 
 # -- failing stores --------------------------------------------------------------
 

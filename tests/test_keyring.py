@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from synkeys.errors import ConfigError, KeyLookupError, SignatureVerifyError
 from synkeys.fetchers import DirectKeyFetcher, PerspectivesKeyFetcher, StoreKeyFetcher
-from synkeys.interfaces import IKeyFetcher
+from synkeys.interfaces import FederationResponse, IFederationClient, IKeyFetcher
 from synkeys.keyring import Keyring
 from synkeys.signing import encode_b64
 from synkeys.storage.memory import MemoryKeyStore
@@ -21,6 +24,35 @@ from tests.helpers import make_signing_key
 from tests.test_fetchers import DAY_MS, NOW_TS, FakeFederation, FakeOrigin, make_clock
 
 EVENT = {"type": "m.room.message", "content": {"body": "hello"}}
+
+
+@implementer(IFederationClient)
+class SlowOrigins:
+    """
+    A :class:`FakeFederation` in front of which the origins named in
+    ``slow`` answer their GETs only ``delay_s`` seconds (of ``clock``)
+    after being asked.
+    """
+
+    def __init__(
+        self, federation: FakeFederation, clock: IReactorTime, slow: set[str], delay_s: float
+    ) -> None:
+        self._federation = federation
+        self._clock = clock
+        self.slow = slow
+        self._delay_s = delay_s
+
+    def get(self, server_name: str, path: bytes) -> Deferred[FederationResponse]:
+        """Ask the federation at once; answer late for a slow origin."""
+        answer = self._federation.get(server_name, path)
+        if server_name not in self.slow:
+            return answer
+        late: Deferred[None] = deferLater(self._clock, self._delay_s, lambda: None)
+        return late.addCallback(lambda _: answer)
+
+    def post_json(self, server_name: str, path: bytes, body: bytes) -> Deferred[FederationResponse]:
+        """Let the federation answer a notary query."""
+        return self._federation.post_json(server_name, path, body)
 
 
 class KeyringTestCase(SynchronousTestCase):
@@ -546,3 +578,114 @@ class StoreTests(KeyringTestCase):
         self.assertEqual(list(self.successResultOf(d1).responses), ["a.example"])
         self.successResultOf(d2)
         self.assertEqual(self.federation.count("POST"), 1)
+
+
+class SlowOriginTests(KeyringTestCase):
+    """Each server of a batch is settled on its own, not when the whole batch is."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.fast = self.federation.add_origin("fast.example")
+        self.slow = self.federation.add_origin("slow.example")
+        self.slow_federation = SlowOrigins(self.federation, self.clock, {"slow.example"}, 30)
+        self.batches: list[tuple[int, int]] = []
+
+    def slow_direct(self) -> DirectKeyFetcher:
+        """A direct fetcher to which ``slow.example`` answers after 30 s."""
+        return DirectKeyFetcher(self.slow_federation, self.clock)
+
+    def test_fast_origin_answered_while_slow_one_pending(self) -> None:
+        """A fast origin's caller is answered while a slow origin of the same batch is still being fetched."""
+        keyring = self.keyring(
+            [self.slow_direct()], on_batch=lambda *counts: self.batches.append(counts)
+        )
+        slow_d = keyring.verify_json_for_server(self.slow.name, self.slow.sign(EVENT), NOW_TS)
+        fast_d = keyring.verify_json_for_server(self.fast.name, self.fast.sign(EVENT), NOW_TS)
+        self.clock.advance(0)
+        self.assertEqual(self.batches, [(2, 2)])
+        self.assertIsNone(self.successResultOf(fast_d))
+        self.assertNoResult(slow_d)
+        self.clock.advance(30)
+        self.assertIsNone(self.successResultOf(slow_d))
+        self.assertEqual(self.federation.count("GET", "slow.example"), 1)
+        self.assertEqual(self.federation.count("GET", "fast.example"), 1)
+
+    def test_slow_origin_fetched_once_while_pending(self) -> None:
+        """A second caller for the slow origin while it is pending joins the fetch instead of repeating it."""
+        keyring = self.keyring([self.slow_direct()])
+        first = keyring.verify_json_for_server(self.slow.name, self.slow.sign(EVENT), NOW_TS)
+        keyring.verify_json_for_server(self.fast.name, self.fast.sign(EVENT), NOW_TS)
+        self.clock.advance(0)
+        second = keyring.verify_json_for_server(self.slow.name, self.slow.sign(EVENT), NOW_TS)
+        self.clock.advance(0)
+        first.cancel()
+        self.failureResultOf(first, CancelledError)
+        self.clock.advance(30)
+        self.assertIsNone(self.successResultOf(second))
+        self.assertEqual(self.federation.count("GET", "slow.example"), 1)
+
+    def test_caller_of_both_waits_for_both(self) -> None:
+        """A fetch asking about the fast and the slow origin is answered once both are settled."""
+        keyring = self.keyring([self.slow_direct()])
+        d = keyring.fetch_server_keys({"fast.example": {}, "slow.example": {}})
+        self.clock.advance(0)
+        self.assertNoResult(d)
+        self.clock.advance(30)
+        self.assertEqual(
+            sorted(self.successResultOf(d).responses), ["fast.example", "slow.example"]
+        )
+
+    def test_found_early_not_held_back_by_later_fetchers(self) -> None:
+        """A server found in the store is answered while another of its batch is fetched from its origin."""
+        self.successResultOf(self.verify(self.keyring([self.direct()]), self.fast))
+        keyring = self.keyring([StoreKeyFetcher(self.store), self.slow_direct()])
+        slow_d = keyring.verify_json_for_server(self.slow.name, self.slow.sign(EVENT), NOW_TS)
+        fast_d = keyring.verify_json_for_server(self.fast.name, self.fast.sign(EVENT), NOW_TS)
+        self.clock.advance(0)
+        self.assertIsNone(self.successResultOf(fast_d))
+        self.assertNoResult(slow_d)
+        self.clock.advance(30)
+        self.assertIsNone(self.successResultOf(slow_d))
+        self.assertEqual(self.federation.count("GET", "fast.example"), 1)
+
+    def test_notary_still_asked_once_before_direct(self) -> None:
+        """Behind a failing notary, the batch costs one POST, then each origin's answer is used on arrival."""
+        self.notary1.mode = "error"
+        keyring = self.keyring([self.perspective("notary1.example"), self.slow_direct()])
+        slow_d = keyring.verify_json_for_server(self.slow.name, self.slow.sign(EVENT), NOW_TS)
+        fast_d = keyring.verify_json_for_server(self.fast.name, self.fast.sign(EVENT), NOW_TS)
+        self.clock.advance(0)
+        self.assertEqual(self.federation.count("POST", "notary1.example"), 1)
+        self.assertIsNone(self.successResultOf(fast_d))
+        self.assertNoResult(slow_d)
+        self.clock.advance(30)
+        self.assertIsNone(self.successResultOf(slow_d))
+        self.assertEqual(self.federation.count("POST", "notary1.example"), 1)
+
+    def test_per_server_fetcher_before_notary_regroups(self) -> None:
+        """Servers an origin fetcher placed before a notary did not find go to the notary together, in one POST."""
+        self.fast.body = self.slow.body = b"not json"
+        keyring = self.keyring([self.direct(), self.perspective("notary1.example")])
+        ds = [
+            keyring.verify_json_for_server(o.name, o.sign(EVENT), NOW_TS)
+            for o in (self.fast, self.slow)
+        ]
+        self.clock.advance(0)
+        for d in ds:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.federation.count("GET"), 2)
+        self.assertEqual(self.federation.count("POST", "notary1.example"), 1)
+
+    def test_slow_failure_reported_when_its_fetch_ends(self) -> None:
+        """A slow server no fetcher finds fails with the reason once its own fetch ends, not before."""
+        ghost = FakeOrigin("ghost.example")
+        self.slow_federation.slow.add(ghost.name)
+        keyring = self.keyring([self.slow_direct()])
+        ghost_d = keyring.verify_json_for_server(ghost.name, ghost.sign(EVENT), NOW_TS)
+        fast_d = keyring.verify_json_for_server(self.fast.name, self.fast.sign(EVENT), NOW_TS)
+        self.clock.advance(0)
+        self.assertIsNone(self.successResultOf(fast_d))
+        self.assertNoResult(ghost_d)
+        self.clock.advance(30)
+        f = self.failureResultOf(ghost_d, KeyLookupError)
+        self.assertIn("connection refused", f.value.reason)
