@@ -208,8 +208,8 @@ SETTINGS: Sequence[Setting] = (
             repeatable=True, metavar="ENDPOINT"),
     Setting("access-log", "access_log", "off",
             "One line per request (combined log format): 'off', 'log' (into the "
-            "twistd log) or a file path. Off by default: it costs about a quarter "
-            "of the key server's throughput (see docs/performance.md).",
+            "twistd log) or a file path. Off by default: into the twistd log it "
+            "halves the key server's throughput (see docs/performance.md).",
             parse=parse_access_log, metavar="WHERE"),
     Setting("workers", "workers", 1,
             "Processes serving the listeners and sharing the store (see "

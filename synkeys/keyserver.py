@@ -109,10 +109,9 @@ class KeyPublisher:
     def _now_ms(self) -> int:
         return int(self._clock.seconds() * 1000)
 
-    def _fingerprints_changed(self) -> bool:
+    def _fingerprints_changed(self, now_s: float) -> bool:
         if self._fingerprint_source is None:
             return False
-        now_s = self._clock.seconds()
         if now_s - self._fingerprints_checked_s < FINGERPRINT_CHECK_INTERVAL_S:
             return False
         self._fingerprints_checked_s = now_s
@@ -124,9 +123,10 @@ class KeyPublisher:
 
     def body(self) -> bytes:
         """The signed object as canonical JSON, rebuilt only when due."""
-        changed = self._fingerprints_changed()
-        now_ms = self._now_ms()
-        if changed or not self._body or now_ms >= self._rebuild_at_ms:
+        now_s = self._clock.seconds()
+        changed = self._fingerprints_changed(now_s)
+        now_ms = int(now_s * 1000)
+        if changed or now_ms >= self._rebuild_at_ms or not self._body:
             self._build(now_ms)
         return self._body
 

@@ -32,6 +32,7 @@ from typing import (
     List,
     Mapping,
     Optional,
+    Tuple,
     TypeVar,
 )
 
@@ -143,6 +144,7 @@ class ServiceMetrics:
             ["endpoint", "method", "code"],
             registry=r,
         )
+        self._request_children: Dict[Tuple[str, str, str], Tuple[Any, Any]] = {}
         self.http_request_duration = Histogram(
             "synkeys_http_request_duration_seconds",
             "Time from a request's arrival to its answer.",
@@ -233,8 +235,18 @@ class ServiceMetrics:
         if method not in _METHODS:
             method = "other"
         code = "aborted" if aborted else str(request.code)
-        self.http_requests.labels(endpoint, method, code).inc()
-        self.http_request_duration.labels(endpoint).observe(max(0.0, duration_s))
+        # The labelled children are looked up once per label set (a bounded
+        # set: endpoints, methods and codes are): labels() takes a lock and
+        # checks its arguments, which would double this per-request cost.
+        key = (endpoint, method, code)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.http_requests.labels(endpoint, method, code),
+                self.http_request_duration.labels(endpoint),
+            )
+        children[0].inc()
+        children[1].observe(max(0.0, duration_s))
 
     def watch_site(self, site: Any) -> None:
         """Report ``len(site.open_requests)`` as the requests in flight."""

@@ -14,7 +14,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from synkeys.errors import invalid_param, unrecognized
-from synkeys.http import MatrixResource, read_body, render_async, render_error, write_json_bytes
+from synkeys.http import MatrixResource, read_body, render_call, render_error, write_json_bytes
 from synkeys.keyserver import KeyPublisher
 from synkeys.notary import Notary
 from synkeys.query import DEFAULT_MAX_KEYS_PER_QUERY, parse_query_body, parse_query_path
@@ -75,22 +75,22 @@ class QueryResource(MatrixResource):
             render_error(request, unrecognized(405, "Use POST, or GET /query/{serverName}"))
             return NOT_DONE_YET
 
-        async def answer() -> bytes:
-            query = parse_query_path(request.postpath or [], request.args or {})
-            return await self._notary.query(query)
-
-        return render_async(request, answer)
+        return render_call(
+            request,
+            lambda: self._notary.query(
+                parse_query_path(request.postpath or [], request.args or {})
+            ),
+        )
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802
         if not self._at_root(request):
             render_error(request, unrecognized(405, "POST only to /_matrix/key/v2/query"))
             return NOT_DONE_YET
 
-        async def answer() -> bytes:
-            query = parse_query_body(read_body(request), self._max_keys)
-            return await self._notary.query(query)
-
-        return render_async(request, answer)
+        return render_call(
+            request,
+            lambda: self._notary.query(parse_query_body(read_body(request), self._max_keys)),
+        )
 
 
 class KeyV2Resource(MatrixResource):

@@ -81,6 +81,13 @@ class Options(usage.Options):
             migrate(self.config.database)
         except StoreUnavailable as e:
             raise ConfigError(f"cannot use database: {e}") from None
+        self.worker_pool = None
+        if self.config.workers > 1:
+            from synkeys.workers import flags_of, pool_for
+
+            flags = flags_of(self, self.repeated)
+            self.worker_pool = pool_for(reactor, self.config, flags, self["config"])
+            self.endpoints = self.worker_pool.endpoints()
 
 
 for _setting in SETTINGS:
@@ -94,7 +101,7 @@ def makeService(options: Options) -> IService:  # noqa: N802
 
     from synkeys.app import SynkeysService
 
-    return SynkeysService(
+    service = SynkeysService(
         options.config,
         reactor,
         options.loaded_keys,
@@ -102,3 +109,7 @@ def makeService(options: Options) -> IService:  # noqa: N802
         notary_keys=options.notary_keys,
         metrics_endpoints=options.metrics_endpoints,
     )
+    pool = getattr(options, "worker_pool", None)
+    if pool is not None:
+        return pool.supervise(service)
+    return service

@@ -563,11 +563,6 @@ class SQLiteFaultTests(StoreFaultMixin, TestCase):
             f"{answer.code} {answer.body!r}: the notary fetched the keys but says it has none",
         )
 
-    test_locked_write_nothing_cached.todo = (  # type: ignore[attr-defined]
-        "notary answers 200 {\"server_keys\":[]} when the store write of a successful fetch "
-        "fails (and counts fetch_ok, so no refetch for an hour); reported to the notary owner"
-    )
-
 
 class MemoryStoreOutageTests(StoreFaultMixin, TestCase):
     """A store that cannot be read at all."""
