@@ -439,8 +439,10 @@ class PostgresOutageTests(TestCase):
         self.addCleanup(self.admin, f'DROP DATABASE IF EXISTS "{self.database}" WITH (FORCE)')
         dsn = postgres_dsn_for_database(POSTGRES_DSN, self.database, self.app_name)
         self.origin = FakeOrigin("origin.test", reactor)
+        # Never queried before an outage, so no warm answer can hide the store.
+        self.other = FakeOrigin("other.test", reactor)
         self.service = make_service(
-            self, reactor, database=dsn, origins=(self.origin,),
+            self, reactor, database=dsn, origins=(self.origin, self.other),
             listen=("tcp:0:interface=127.0.0.1",),
         )
         self.service.startService()
@@ -478,6 +480,7 @@ class PostgresOutageTests(TestCase):
     async def test_killed_mid_request(self) -> None:
         """A query whose connection is killed mid-request gets 503 M_UNKNOWN quickly; the next ones recover with the key still cached."""
         query = "/_matrix/key/v2/query/origin.test"
+        cold = "/_matrix/key/v2/query/other.test"
         code, body, _ = await self.get(query)
         self.assertEqual(code, 200)
         self.assertEqual(body["server_keys"][0]["server_name"], "origin.test")
@@ -491,7 +494,10 @@ class PostgresOutageTests(TestCase):
         self.addCleanup(locker.close)
         with locker.cursor() as cursor:
             cursor.execute("LOCK TABLE server_keys IN ACCESS EXCLUSIVE MODE")
-        pending = Deferred.fromCoroutine(self.get(query))
+        # A warm answer needs no database; a server not seen before does.
+        code, body, _ = await self.get(query)
+        self.assertEqual((code, self.origin.hits), (200, 1))
+        pending = Deferred.fromCoroutine(self.get(cold))
         await self.waiting_on_lock()
         self.kill_connections()
         code, body, taken_s = await pending
@@ -499,8 +505,11 @@ class PostgresOutageTests(TestCase):
         self.assertEqual((code, body["errcode"]), (503, "M_UNKNOWN"))
         # Well under the 10 s statement timeout: the kill, not a timeout, ended it.
         self.assertLess(taken_s, 5)
-        codes, body = await self.until_ok(query)
+        self.assertEqual(self.other.hits, 0)
+        codes, body = await self.until_ok(cold)
         self.assertTrue(all(c == 503 for c in codes[:-1]), codes)
+        self.assertEqual(body["server_keys"][0]["server_name"], "other.test")
+        code, body, _ = await self.get(query)
         self.assertEqual(body["server_keys"][0]["server_name"], "origin.test")
         # Answered from the cache: nothing stored was lost, no new fetch.
         self.assertEqual(self.origin.hits, 1)
@@ -527,14 +536,17 @@ class PostgresOutageTests(TestCase):
         self.fail("the service's query never waited for the lock")
 
     async def test_database_refuses_connections(self) -> None:
-        """While the database refuses connections, queries and /health get 503 quickly; afterwards both recover and the cache is intact."""
+        """While the database refuses connections, queries it must answer and /health get 503 quickly (warm answers still 200); afterwards both recover and the cache is intact."""
         query = "/_matrix/key/v2/query/origin.test"
         self.assertEqual((await self.get(query))[0], 200)
         self.admin(f'ALTER DATABASE "{self.database}" WITH ALLOW_CONNECTIONS false')
         self.kill_connections()
-        code, body, taken_s = await self.get(query)
+        code, body, taken_s = await self.get("/_matrix/key/v2/query/other.test")
         self.assertEqual((code, body["errcode"]), (503, "M_UNKNOWN"))
         self.assertLess(taken_s, 5)
+        self.assertEqual(self.other.hits, 0)
+        code, body, taken_s = await self.get(query)
+        self.assertEqual((code, body["server_keys"][0]["server_name"]), (200, "origin.test"))
         code, body, taken_s = await self.get("/health")
         self.assertEqual((code, body["status"]), (503, "unavailable"))
         self.assertLess(taken_s, 5)
