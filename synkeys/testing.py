@@ -154,7 +154,7 @@ def _serve(
 ) -> Deferred[FederationResponse]:
     stub = StubTreq(resource)
     result: Dict[str, Any] = {}
-    d = stub.request(
+    d = stub.request(  # type: ignore[attr-defined]
         method.decode("ascii"),
         "https://fake.invalid" + path.decode("ascii"),
         data=body,
