@@ -63,10 +63,11 @@ def decode_b64(text: object) -> bytes:
     if not isinstance(text, str) or not text.isascii():
         raise InvalidSignedJson("base64 value is not an ASCII string")
     unpadded = text.rstrip("=")
-    # Unpadded, or padded to a multiple of four: "AAAA=" and "AAE==" are
-    # neither, and accepting them would give one key several spellings.
-    padded = len(text) != len(unpadded)
-    if len(unpadded) % 4 == 1 or (padded and len(text) % 4):
+    # Unpadded, or padded with exactly the "=" that make a multiple of four:
+    # "AAAA=", "AAE==" and "AAAA====" are neither, and accepting them would
+    # give one key many spellings.
+    padding = len(text) - len(unpadded)
+    if len(unpadded) % 4 == 1 or (padding and padding != -len(unpadded) % 4):
         raise InvalidSignedJson(f"invalid base64 {text[:20]!r}")
     try:
         return base64.b64decode(unpadded + "=" * (-len(unpadded) % 4), validate=True)

@@ -219,6 +219,12 @@ class VerifyKeyBytesTests(SynchronousTestCase):
         self.assertEqual(decode_b64("YWI"), b"ab")
         self.assertEqual(decode_b64("YWI="), b"ab")
 
+    def test_base64_over_padding_refused(self) -> None:
+        """Padding beyond what makes a multiple of four is refused, even when the length is one."""
+        for text in ["YWJj=", "YWJj====", "YWI==", "YWI=====", "YQ=====", "YWJjZA======"]:
+            self.assertRaises(InvalidSignedJson, decode_b64, text)
+        self.assertEqual(decode_b64("YWJjZA=="), b"abcd")
+
     def test_base64_junk_refused(self) -> None:
         """Characters outside the base64 alphabet are refused, not skipped."""
         for text in ["YWJj!!", "YW Jj", "YWJj\n", "Y", "YWJjZ", "YQ==="]:
