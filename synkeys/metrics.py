@@ -14,7 +14,9 @@ wraps:
 and by hooks: :meth:`ServiceMetrics.observe_request` (a
 :class:`synkeys.health.ServiceSite` request hook), :meth:`observe_batch`
 and :meth:`observe_disagreement` (keyring hooks). The notary's own counters
-are read at scrape time by :class:`NotaryCollector`.
+are read at scrape time by :class:`NotaryCollector`, and so are the
+requests answered, which :class:`RequestCollector` counts in plain
+integers (the per-request path is the hottest in the service).
 
 :class:`MetricsResource` serves the registry; ``docs/metrics.md`` lists
 every metric.
@@ -22,6 +24,8 @@ every metric.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from itertools import accumulate
 from typing import (
     Any,
     Awaitable,
@@ -37,11 +41,12 @@ from typing import (
 )
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.utils import floatToGoString
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -66,6 +71,7 @@ from synkeys.storage.errors import StoreUnavailable
 __all__ = [
     "MetricsResource",
     "NotaryCollector",
+    "RequestCollector",
     "ObservedFederationClient",
     "ObservedFetcher",
     "ServiceMetrics",
@@ -95,6 +101,11 @@ _ENDPOINTS = (
     (b"/health", "health"),
 )
 _METHODS = frozenset({"GET", "HEAD", "POST", "OPTIONS", "PUT", "DELETE"})
+#: The method label of each known method, by the bytes a request carries.
+_METHOD_LABELS = {method.encode("ascii"): method for method in _METHODS}
+#: The endpoint label of the exact paths most requests have (a dict lookup
+#: instead of :func:`endpoint_label`'s prefix checks).
+_EXACT_ENDPOINTS = {prefix: label for prefix, label in _ENDPOINTS}
 
 
 def endpoint_label(path: bytes) -> str:
@@ -107,6 +118,99 @@ def endpoint_label(path: bytes) -> str:
         if path == prefix or path.startswith(prefix + b"/"):
             return label
     return "other"
+
+
+class RequestCollector:
+    """
+    ``synkeys_http_requests_total`` and
+    ``synkeys_http_request_duration_seconds``, counted in plain integers
+    per request and turned into metric families only when scraped.
+
+    Everything runs in the reactor thread; a scrape from another thread
+    reads copies of the dicts, at worst a request behind.
+
+    :param clock: Stamps the ``_created`` samples (when a label set was
+        first seen), as ``prometheus_client`` would.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        #: Requests by (endpoint, method, code); code is an int or "aborted".
+        self._counts: Dict[Tuple[str, str, Any], int] = {}
+        self._counts_created_s: Dict[Tuple[str, str, Any], float] = {}
+        #: Per endpoint, how many durations fell in each bucket (not cumulative;
+        #: the last one is +Inf), their sum, and when it was first seen.
+        self._buckets: Dict[str, List[int]] = {}
+        self._sums_s: Dict[str, float] = {}
+        self._buckets_created_s: Dict[str, float] = {}
+
+    def observe(self, request: Request, duration_s: float, aborted: bool) -> None:
+        """Count one answered (or, when ``aborted``, abandoned) request."""
+        path = request.path or b""
+        endpoint = _EXACT_ENDPOINTS.get(path) or endpoint_label(path)
+        method = _METHOD_LABELS.get(request.method, "other")
+        key = (endpoint, method, "aborted" if aborted else request.code)
+        counts = self._counts
+        count = counts.get(key)
+        if count is None:
+            self._counts_created_s[key] = float(self._clock.seconds())
+            count = 0
+        counts[key] = count + 1
+        if duration_s < 0.0:
+            duration_s = 0.0
+        buckets = self._buckets.get(endpoint)
+        if buckets is None:
+            buckets = self._buckets[endpoint] = [0] * (len(HTTP_BUCKETS_S) + 1)
+            self._sums_s[endpoint] = 0.0
+            self._buckets_created_s[endpoint] = float(self._clock.seconds())
+        # Prometheus buckets are "less than or equal": the first bound >= d.
+        buckets[bisect_left(HTTP_BUCKETS_S, duration_s)] += 1
+        self._sums_s[endpoint] += duration_s
+
+    def describe(self) -> List[Metric]:
+        """The families' names, for the registry's duplicate check."""
+        return [self._requests_family(), self._durations_family()]
+
+    def collect(self) -> Iterator[Metric]:
+        """The request counts and durations as they stand."""
+        requests = self._requests_family()
+        created = dict(self._counts_created_s)
+        for key, value in sorted(dict(self._counts).items(), key=lambda kv: str(kv[0])):
+            endpoint, method, code = key
+            requests.add_metric([endpoint, method, str(code)], value, created=created.get(key))
+        yield requests
+        durations = self._durations_family()
+        bounds = [floatToGoString(b) for b in HTTP_BUCKETS_S] + ["+Inf"]
+        sums = dict(self._sums_s)
+        buckets_created = dict(self._buckets_created_s)
+        for endpoint, counts in sorted(dict(self._buckets).items()):
+            cumulative = list(accumulate(list(counts)))
+            durations.add_metric([endpoint], list(zip(bounds, cumulative)), sums.get(endpoint, 0.0))
+            created_s = buckets_created.get(endpoint)
+            if created_s is not None:
+                durations.add_sample(
+                    "synkeys_http_request_duration_seconds_created",
+                    {"endpoint": endpoint},
+                    created_s,
+                )
+        yield durations
+
+    @staticmethod
+    def _requests_family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "synkeys_http_requests",
+            "Requests answered, by endpoint, method and status code "
+            "(code 'aborted': the client went away first).",
+            labels=["endpoint", "method", "code"],
+        )
+
+    @staticmethod
+    def _durations_family() -> HistogramMetricFamily:
+        return HistogramMetricFamily(
+            "synkeys_http_request_duration_seconds",
+            "Time from a request's arrival to its answer.",
+            labels=["endpoint"],
+        )
 
 
 class ServiceMetrics:
@@ -137,21 +241,11 @@ class ServiceMetrics:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)
             GCCollector(registry=r)
-        self.http_requests = Counter(
-            "synkeys_http_requests",
-            "Requests answered, by endpoint, method and status code "
-            "(code 'aborted': the client went away first).",
-            ["endpoint", "method", "code"],
-            registry=r,
-        )
-        self._request_children: Dict[Tuple[str, str, str], Tuple[Any, Any]] = {}
-        self.http_request_duration = Histogram(
-            "synkeys_http_request_duration_seconds",
-            "Time from a request's arrival to its answer.",
-            ["endpoint"],
-            buckets=HTTP_BUCKETS_S,
-            registry=r,
-        )
+        # Counted per request in plain dicts and read at scrape time: a
+        # prometheus_client child's inc() and observe() take a lock each,
+        # a measurable share of a /server request (docs/performance.md).
+        self.http_requests = RequestCollector(clock)
+        r.register(self.http_requests)
         self.http_requests_in_flight = Gauge(
             "synkeys_http_requests_in_flight",
             "Requests being answered now.",
@@ -230,23 +324,7 @@ class ServiceMetrics:
 
     def observe_request(self, request: Request, duration_s: float, aborted: bool) -> None:
         """A :data:`synkeys.health.RequestHook`: count one answered request."""
-        endpoint = endpoint_label(request.path or b"")
-        method = (request.method or b"").decode("ascii", "replace")
-        if method not in _METHODS:
-            method = "other"
-        code = "aborted" if aborted else str(request.code)
-        # The labelled children are looked up once per label set (a bounded
-        # set: endpoints, methods and codes are): labels() takes a lock and
-        # checks its arguments, which would double this per-request cost.
-        key = (endpoint, method, code)
-        children = self._request_children.get(key)
-        if children is None:
-            children = self._request_children[key] = (
-                self.http_requests.labels(endpoint, method, code),
-                self.http_request_duration.labels(endpoint),
-            )
-        children[0].inc()
-        children[1].observe(max(0.0, duration_s))
+        self.http_requests.observe(request, duration_s, aborted)
 
     def watch_site(self, site: Any) -> None:
         """Report ``len(site.open_requests)`` as the requests in flight."""

@@ -10,6 +10,7 @@ from OpenSSL import SSL
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import ParseError
@@ -120,6 +121,17 @@ class ClientTests(SynchronousTestCase):
         error = self.failureResultOf(d, FetchError).value
         self.assertEqual(error.kind, "connect")
         self.assertIn(PUBLIC_2, error.reason)
+
+    def test_connections_are_quiet(self) -> None:
+        """A connection's factories log no "Starting factory" or "Stopping factory" events."""
+        self.client().get("example.com:8448", b"/x")
+        factory = self.reactor.tcpClients[0][2]
+        events: list = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        factory.doStart()
+        factory.doStop()
+        self.assertEqual([formatEvent(e) for e in events], [])
 
     def test_no_address(self) -> None:
         """A name without addresses fails with kind "dns"."""
