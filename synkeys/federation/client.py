@@ -324,7 +324,7 @@ def to_fetch_error(server_name: str, failure: Failure) -> Exception:
     """
     reasons = _reasons(failure)
     for reason in reasons:
-        if reason.check(FetchError):
+        if isinstance(reason.value, FetchError):
             return reason.value
         if reason.check(CancelledError, ierror.ConnectingCancelledError):
             return CancelledError()
@@ -332,7 +332,8 @@ def to_fetch_error(server_name: str, failure: Failure) -> Exception:
         if reason.check(SSL.Error, VerificationError):
             return FetchError(server_name, f"TLS failure: {reason.getErrorMessage()}", "tls")
     reason = reasons[0]
-    message = reason.getErrorMessage() or reason.type.__name__
+    kind_name = type(reason.value).__name__
+    message = reason.getErrorMessage() or kind_name
     if reason.check(BodyTooLarge):
         return FetchError(server_name, message, "too_large")
     if reason.check(ierror.DNSLookupError):
@@ -344,4 +345,4 @@ def to_fetch_error(server_name: str, failure: Failure) -> Exception:
     ):
         return FetchError(server_name, "connection closed before a response", "connect")
     log.info("request to {server} failed: {error!r}", server=server_name, error=reason.value)
-    return FetchError(server_name, f"{reason.type.__name__}: {message}", "http")
+    return FetchError(server_name, f"{kind_name}: {message}", "http")
