@@ -14,7 +14,7 @@ from typing import Any, Dict, List
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -102,6 +102,10 @@ async def wait_refused(case: TestCase, port: int) -> None:
             connection = await endpoint.connect(Factory.forProtocol(_Nothing))
         except ConnectionRefusedError:
             return
+        except ConnectError:
+            # Reset: queued just as the listening socket closed; ask again.
+            await sleep(0.01)
+            continue
         connection.transport.loseConnection()
         await sleep(0.01)
     case.fail(f"port {port} kept accepting connections")
