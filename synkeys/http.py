@@ -8,7 +8,7 @@ Every exception becomes ``{"errcode", "error"}`` JSON here and only here.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -30,12 +30,6 @@ _CORS_HEADERS = [
         b"X-Requested-With, Content-Type, Authorization, Date",
     ),
 ]
-
-
-def set_cors_headers(request: Request) -> None:
-    """Add the CORS headers homeservers send on every response."""
-    for name, value in _CORS_HEADERS:
-        request.setHeader(name, value)
 
 
 #: Every JSON response's headers but its length, each value in a list of
@@ -80,9 +74,14 @@ def error_for(failure: Failure) -> MatrixError:
 
 def render_error(request: Request, error: MatrixError) -> None:
     """Answer a Matrix error as JSON and finish."""
-    if error.code == 405:
-        request.setHeader(b"Allow", b"GET, HEAD, POST, OPTIONS")
     write_json_bytes(request, error.code, canonical_json(error.to_json()))
+
+
+def method_not_allowed(request: Request, allowed: bytes, msg: str) -> object:
+    """Answer 405 ``M_UNRECOGNIZED`` with an ``Allow`` header of ``allowed``."""
+    request.setHeader(b"Allow", allowed)
+    render_error(request, unrecognized(405, msg))
+    return NOT_DONE_YET
 
 
 #: ``--access-log`` values that are not a file path.
@@ -165,36 +164,25 @@ def read_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> bytes:
 
     :raises MatrixError: 413 ``M_TOO_LARGE`` when it is larger.
     """
+    too_large = MatrixError(413, "M_TOO_LARGE", f"Request body is larger than {max_bytes} bytes")
     if getattr(request, "body_too_large", False):
-        raise MatrixError(413, "M_TOO_LARGE", f"Request body is larger than {max_bytes} bytes")
+        raise too_large
     content = request.content
     if content is None:
         return b""
     content.seek(0)
     body = content.read(max_bytes + 1)
     if len(body) > max_bytes:
-        raise MatrixError(413, "M_TOO_LARGE", f"Request body is larger than {max_bytes} bytes")
+        raise too_large
     return body
-
-
-def render_async(
-    request: Request, handler: Callable[[], Awaitable[Optional[bytes]]]
-) -> object:
-    """
-    Run ``handler`` (a coroutine function answering 200 with JSON bytes) and
-    answer its result or its error. The work is cancelled when the client
-    goes away.
-    """
-    d: Deferred[Optional[bytes]] = Deferred.fromCoroutine(handler())  # type: ignore[arg-type]
-    return render_deferred(request, d)
 
 
 def render_call(request: Request, handler: Callable[[], Deferred[bytes]]) -> object:
     """
     Call ``handler`` (answering 200 with JSON bytes through a Deferred) and
-    answer its result or its error, as :func:`render_async` does, without a
-    coroutine: what fails before the Deferred exists is answered the same
-    way, and a Deferred that has fired already is answered at once.
+    answer its result or its error: what fails before the Deferred exists is
+    answered the same way, and a Deferred that has fired already is
+    answered at once. The work is cancelled when the client goes away.
     """
     try:
         d = handler()
@@ -254,8 +242,11 @@ class MatrixResource(Resource):
             return NOT_DONE_YET
         handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
         if handler is None:
-            render_error(request, unrecognized(405, "Unrecognized request method"))
-            return NOT_DONE_YET
+            allowed = [m for m in ("GET", "HEAD", "POST") if hasattr(self, "render_" + m)]
+            return method_not_allowed(
+                request, ", ".join(allowed + ["OPTIONS"]).encode("ascii"),
+                "Unrecognized request method",
+            )
         return handler(request)
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802

@@ -14,7 +14,14 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from synkeys.errors import invalid_param, unrecognized
-from synkeys.http import MatrixResource, read_body, render_call, render_error, write_json_bytes
+from synkeys.http import (
+    MatrixResource,
+    method_not_allowed,
+    read_body,
+    render_call,
+    render_error,
+    write_json_bytes,
+)
 from synkeys.keyserver import KeyPublisher
 from synkeys.notary import Notary
 from synkeys.query import DEFAULT_MAX_KEYS_PER_QUERY, parse_query_body, parse_query_path
@@ -72,8 +79,9 @@ class QueryResource(MatrixResource):
 
     def render_GET(self, request: Request) -> Any:  # noqa: N802
         if self._at_root(request):
-            render_error(request, unrecognized(405, "Use POST, or GET /query/{serverName}"))
-            return NOT_DONE_YET
+            return method_not_allowed(
+                request, b"POST, OPTIONS", "Use POST, or GET /query/{serverName}"
+            )
 
         return render_call(
             request,
@@ -84,8 +92,9 @@ class QueryResource(MatrixResource):
 
     def render_POST(self, request: Request) -> Any:  # noqa: N802
         if not self._at_root(request):
-            render_error(request, unrecognized(405, "POST only to /_matrix/key/v2/query"))
-            return NOT_DONE_YET
+            return method_not_allowed(
+                request, b"GET, HEAD, OPTIONS", "POST only to /_matrix/key/v2/query"
+            )
 
         return render_call(
             request,

@@ -81,6 +81,8 @@ def resolve_host(resolver: IHostnameResolver, host: str, port: int) -> Deferred[
             try:
                 resolution.cancel()
             except NotImplementedError:
+                # Twisted's default resolutions cannot be cancelled; the
+                # lookup then finishes unheard, which is harmless.
                 pass
 
     done: Deferred[list[str]] = Deferred(cancel)
