@@ -364,7 +364,7 @@ class SynkeysService(MultiService):
         # connections, so load balancers move to other instances.
         self.site.start_draining()
         await _stop_all([s for s in self._listeners if s.running])
-        open_requests = len(self.site.open_requests)
+        open_requests = self.site.open_request_count
         if open_requests:
             log.info(
                 "Stopped accepting connections; waiting up to {timeout_s} s for "
@@ -378,7 +378,7 @@ class SynkeysService(MultiService):
                 "{count} connections ({requests} requests in progress) still open after "
                 "{timeout_s} s; stopping anyway",
                 count=left,
-                requests=len(self.site.open_requests),
+                requests=self.site.open_request_count,
                 timeout_s=self._drain_timeout_s,
             )
         await _stop_all([s for s in reversed(list(self)) if s.running])

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from synkeys.http import write_json_bytes
+from synkeys.http import BoundedRequest, write_json_bytes
 from synkeys.interfaces import IKeyStore
 from synkeys.signing import canonical_json
 
@@ -131,11 +131,25 @@ def _answer(request: Request, code: int, body: dict) -> None:
 
 
 class _Connection:
-    """One connection of a :class:`ServiceSite`: how many of its requests are unanswered."""
+    """One connection of a :class:`ServiceSite` and its unanswered requests."""
+
+    __slots__ = ("transport", "requests")
 
     def __init__(self) -> None:
         self.transport: Any = None
-        self.unanswered = 0
+        #: Almost always none or one: HTTP/1.1 answers in order.
+        self.requests: List[Request] = []
+
+    def forget(self, request: Request) -> None:
+        """Remove ``request`` (compared by identity: Request.__eq__ is Python code)."""
+        requests = self.requests
+        if requests and requests[-1] is request:
+            requests.pop()
+            return
+        for index in range(len(requests) - 2, -1, -1):
+            if requests[index] is request:
+                del requests[index]
+                return
 
 
 class ServiceSite(Site):
@@ -154,7 +168,6 @@ class ServiceSite(Site):
         connections' timeouts.
     :param on_request_done: Called for every finished or abandoned request.
 
-    :ivar open_requests: The requests being answered.
     :ivar draining: Whether :meth:`start_draining` has been called.
     """
 
@@ -167,11 +180,20 @@ class ServiceSite(Site):
         **kwargs: Any,
     ) -> None:
         super().__init__(resource, reactor=reactor, **kwargs)
-        self.open_requests: Set[Request] = set()
         self.draining = False
         self._on_request_done = on_request_done
         self._connections: Dict[Any, _Connection] = {}
         self._drain_waiters: List[Deferred[int]] = []
+
+    @property
+    def open_requests(self) -> Set[Request]:
+        """The requests being answered."""
+        return {r for c in self._connections.values() for r in c.requests}
+
+    @property
+    def open_request_count(self) -> int:
+        """How many requests are being answered."""
+        return sum(len(c.requests) for c in self._connections.values())
 
     @property
     def open_connections(self) -> int:
@@ -193,34 +215,36 @@ class ServiceSite(Site):
 
         protocol.makeConnection = connected
 
-        open_requests = self.open_requests
+        requests = connection.requests
         seconds = self.reactor.seconds
         hook = self._on_request_done
+
+        def done(request: Any, lost: bool) -> None:
+            connection.forget(request)
+            # A request whose headers never all arrived (the client left,
+            # or Twisted refused them with a 400) has no path: it was not
+            # a request the service saw, and is not reported.
+            if hook is not None and getattr(request, "path", None) is not None:
+                try:
+                    hook(request, seconds() - request.started_s, lost)
+                except Exception:  # a metrics hook must not break requests
+                    log.failure("request hook failed")
 
         def request_factory(*args: Any) -> Request:
             # Called when a request's first line arrives: from here until it
             # is answered (or lost), its connection is not idle and the
-            # request is open. One notifyFinish() callback per request does
-            # all the bookkeeping: each Deferred callback costs about a
-            # microsecond, which is a measurable share of a /server request.
-            request = make_request(*args)
-            started_s = seconds()
-            connection.unanswered += 1
-            open_requests.add(request)
-
-            def done(result: object) -> None:
-                connection.unanswered -= 1
-                open_requests.discard(request)
-                # A request whose headers never all arrived (the client left,
-                # or Twisted refused them with a 400) has no path: it was not
-                # a request the service saw, and is not reported.
-                if hook is not None and getattr(request, "path", None) is not None:
-                    try:
-                        hook(request, seconds() - started_s, isinstance(result, Failure))
-                    except Exception:  # a metrics hook must not break requests
-                        log.failure("request hook failed")
-
-            request.notifyFinish().addBoth(done)
+            # request is open. A BoundedRequest reports its end through
+            # on_done; a Deferred from notifyFinish() costs about two
+            # microseconds more, a measurable share of a /server request.
+            request: Any = make_request(*args)
+            request.started_s = seconds()
+            requests.append(request)
+            if isinstance(request, BoundedRequest):
+                request.on_done = done
+            else:
+                request.notifyFinish().addBoth(
+                    lambda result: done(request, isinstance(result, Failure))
+                )
             return request
 
         protocol.requestFactory = request_factory
@@ -260,7 +284,7 @@ class ServiceSite(Site):
         for request in self.open_requests:
             _close_after(request)
         for connection in list(self._connections.values()):
-            if connection.unanswered == 0 and connection.transport is not None:
+            if not connection.requests and connection.transport is not None:
                 # A TLS transport does not close while the channel is still
                 # registered as its producer (as HTTPChannel.loseConnection knows).
                 connection.transport.unregisterProducer()

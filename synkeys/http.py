@@ -132,6 +132,14 @@ class BoundedRequest(Request):
     body_too_large = False
     _body_bytes = 0
 
+    #: Called once, with this request and whether its connection was lost
+    #: before it was answered, when it is finished or lost: the cheap form
+    #: of a ``notifyFinish()`` Deferred for per-request bookkeeping (see
+    #: :class:`synkeys.health.ServiceSite`).
+    on_done: Optional[Callable[[Request, bool], None]] = None
+    #: When the request began, by its site's clock (set by the site).
+    started_s = 0.0
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if _CAN_SKIP_FORM_PARSING:
             # The key API reads JSON bodies only; otherwise Twisted parses
@@ -145,6 +153,22 @@ class BoundedRequest(Request):
             self.body_too_large = True
             length = None
         super().gotLength(length)
+
+    def finish(self) -> None:
+        """Finish the request (see :class:`~twisted.web.http.Request`), then :attr:`on_done`."""
+        super().finish()
+        self._done(False)
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+        """Forget the connection (see :class:`~twisted.web.http.Request`), then :attr:`on_done`."""
+        super().connectionLost(reason)
+        self._done(True)
+
+    def _done(self, lost: bool) -> None:
+        on_done = self.on_done
+        if on_done is not None:
+            self.on_done = None
+            on_done(self, lost)
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
         self._body_bytes += len(data)
@@ -227,6 +251,9 @@ def render_deferred(request: Request, d: Deferred[Any]) -> object:
     return NOT_DONE_YET
 
 
+_RENDER_NAMES = {b"GET": "render_GET", b"HEAD": "render_HEAD", b"POST": "render_POST"}
+
+
 class MatrixResource(Resource):
     """
     A resource that answers Matrix JSON errors: unknown children are 404
@@ -240,7 +267,10 @@ class MatrixResource(Resource):
         if request.method == b"OPTIONS":
             write_json_bytes(request, 200, b"{}")
             return NOT_DONE_YET
-        handler = getattr(self, "render_" + request.method.decode("ascii", "replace"), None)
+        method = request.method
+        handler = getattr(
+            self, _RENDER_NAMES.get(method) or "render_" + method.decode("ascii", "replace"), None
+        )
         if handler is None:
             allowed = [m for m in ("GET", "HEAD", "POST") if hasattr(self, "render_" + m)]
             return method_not_allowed(

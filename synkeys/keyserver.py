@@ -98,6 +98,9 @@ class KeyPublisher:
         self._body = b""
         self._json: JsonDict = {}
         self._rebuild_at_ms = 0
+        #: Before this time (seconds) body() needs neither a re-sign nor a
+        #: look at the TLS certificate.
+        self._look_again_s = float("-inf")
         #: How many times the body was signed; tests and metrics read it.
         self.builds = 0
 
@@ -124,10 +127,19 @@ class KeyPublisher:
     def body(self) -> bytes:
         """The signed object as canonical JSON, rebuilt only when due."""
         now_s = self._clock.seconds()
+        if now_s < self._look_again_s:
+            # Every request until then: one comparison.
+            return self._body
         changed = self._fingerprints_changed(now_s)
         now_ms = int(now_s * 1000)
         if changed or now_ms >= self._rebuild_at_ms or not self._body:
             self._build(now_ms)
+        look_again_s = self._rebuild_at_ms / 1000
+        if self._fingerprint_source is not None:
+            look_again_s = min(
+                look_again_s, self._fingerprints_checked_s + FINGERPRINT_CHECK_INTERVAL_S
+            )
+        self._look_again_s = look_again_s
         return self._body
 
     def json(self) -> JsonDict:

@@ -327,8 +327,8 @@ class ServiceMetrics:
         self.http_requests.observe(request, duration_s, aborted)
 
     def watch_site(self, site: Any) -> None:
-        """Report ``len(site.open_requests)`` as the requests in flight."""
-        self.http_requests_in_flight.set_function(lambda: len(site.open_requests))
+        """Report ``site.open_request_count`` as the requests in flight."""
+        self.http_requests_in_flight.set_function(lambda: site.open_request_count)
 
     def observe_batch(self, servers: int, pairs: int) -> None:
         """A :data:`synkeys.keyring.BatchHook`: record one batch's size."""

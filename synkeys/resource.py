@@ -8,7 +8,7 @@ Mount it into any :class:`twisted.web.server.Site` with
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -137,8 +137,41 @@ def mount_key_resources(
     return v2
 
 
+class KeyRootResource(MatrixResource):
+    """
+    A root resource that finds the leaves of the busiest exact paths
+    (``/_matrix/key/v2/server`` and ``/_matrix/key/v2/query``) with one
+    dictionary look-up instead of a walk down four levels of the tree,
+    about a microsecond of a ``/server`` request. The leaf sees the request
+    exactly as after the walk; every other path is walked as usual.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shortcuts: Dict[bytes, Resource] = {}
+
+    def add_shortcut(self, path: bytes, leaf: Resource) -> None:
+        """Serve the exact request path ``path`` (``/``-separated, as sent) from ``leaf``."""
+        if not leaf.isLeaf:
+            raise ValueError(f"a shortcut must lead to a leaf resource, not {leaf!r}")
+        self._shortcuts[path] = leaf
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:  # noqa: N802
+        leaf = self._shortcuts.get(request.path)
+        if leaf is not None and request.prepath is not None and request.postpath is not None:
+            # As Resource.getChildForRequest leaves a request at a leaf: every
+            # segment moved from postpath to prepath.
+            request.prepath.extend(request.postpath)
+            del request.postpath[:]
+            return leaf
+        return super().getChildWithDefault(path, request)
+
+
 def build_root(publisher: KeyPublisher, query: Optional[IResource] = None) -> Resource:
     """A root resource serving only the key API (404 JSON elsewhere)."""
-    root = MatrixResource()
-    mount_key_resources(root, publisher, query)
+    root = KeyRootResource()
+    v2 = mount_key_resources(root, publisher, query)
+    for name, child in v2.children.items():
+        if isinstance(child, Resource) and child.isLeaf:
+            root.add_shortcut(b"/_matrix/key/v2/" + name, child)
     return root

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from synkeys.errors import MatrixError
 from synkeys.http import (
@@ -127,6 +127,52 @@ class BoundedRequestTests(SynchronousTestCase):
         self.assertIn(b"[b'a']", _one_request(site, FORM_POST))
         site.requestFactory = BoundedRequest
         self.assertIn(b"\r\n\r\n[]", _one_request(site, FORM_POST))
+
+
+class Held(Resource):
+    """Answers nothing until told: C{held} has the pending requests."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: List[Request] = []
+
+    def render_GET(self, request: Request) -> object:  # noqa: N802
+        self.held.append(request)
+        return NOT_DONE_YET
+
+
+class OnDoneTests(SynchronousTestCase):
+    """L{BoundedRequest.on_done} reports each request's end exactly once."""
+
+    def setUp(self) -> None:
+        self.resource = Held()
+        site = Site(self.resource)
+        site.requestFactory = BoundedRequest
+        address = IPv4Address("TCP", "127.0.0.1", 1)
+        self.protocol = site.buildProtocol(address)
+        self.transport = StringTransport(peerAddress=address, hostAddress=address)
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        [self.request] = self.resource.held
+        self.ends: List[Any] = []
+        self.request.on_done = lambda request, lost: self.ends.append((request, lost))
+
+    def test_finished(self) -> None:
+        """Finishing reports (request, False) once, also when the connection closes later."""
+        self.assertEqual(self.ends, [])
+        self.request.finish()
+        self.assertEqual(self.ends, [(self.request, False)])
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.ends, [(self.request, False)])
+
+    def test_lost(self) -> None:
+        """A connection lost before the answer reports (request, True) once."""
+        self.protocol.connectionLost(None)
+        self.assertEqual(self.ends, [(self.request, True)])
+        self.assertRaises(RuntimeError, self.request.finish)
+        self.assertEqual(self.ends, [(self.request, True)])
 
 
 class Hello(Resource):

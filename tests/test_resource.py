@@ -4,12 +4,13 @@ import json
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
+from twisted.web.resource import Resource, getChildForRequest
 from twisted.web.static import Data
+from twisted.web.test.requesthelper import DummyRequest
 
 from synkeys.keyfile import generate_signing_key
 from synkeys.keyserver import KeyPublisher
-from synkeys.resource import build_root, mount_key_resources
+from synkeys.resource import KeyRootResource, build_root, mount_key_resources
 from synkeys.signing import decode_b64, verify_signature
 from tests.stubhttp import request
 
@@ -111,3 +112,46 @@ class EmbeddingTests(SynchronousTestCase):
         self.assertEqual(json.loads(keys.body)["server_name"], "example.org")
         self.assertEqual(request(self, root, "GET", "/hello").body, b"hi there")
         self.assertEqual(request(self, root, "GET", "/_matrix/client").body, b"client api")
+
+
+class Leaf(Resource):
+    """A leaf that answers nothing."""
+
+    isLeaf = True
+
+
+class ShortcutTests(SynchronousTestCase):
+    """L{KeyRootResource} shortcuts leave requests as the tree walk would."""
+
+    def walk(self, root: Resource, path: bytes) -> tuple:
+        request = DummyRequest(path.split(b"/")[1:])
+        request.path = path
+        found = getChildForRequest(root, request)
+        return found, request.prepath, request.postpath
+
+    def test_same_as_walk(self) -> None:
+        """A shortcut leads to the same leaf, with the same prepath and postpath."""
+        leaf = Leaf()
+        walked = Resource()
+        walked.putChild(b"a", Resource())
+        walked.children[b"a"].putChild(b"b", leaf)
+        short = KeyRootResource()
+        short.putChild(b"a", walked.children[b"a"])
+        short.add_shortcut(b"/a/b", leaf)
+        self.assertEqual(self.walk(short, b"/a/b"), (leaf, [b"a", b"b"], []))
+        self.assertEqual(self.walk(short, b"/a/b"), self.walk(walked, b"/a/b"))
+        # Any other path is walked.
+        self.assertEqual(self.walk(short, b"/a/b/"), (leaf, [b"a", b"b"], [b""]))
+
+    def test_only_leaves(self) -> None:
+        """A shortcut to a resource that is not a leaf is refused."""
+        self.assertRaises(ValueError, KeyRootResource().add_shortcut, b"/x", Resource())
+
+    def test_key_paths(self) -> None:
+        """build_root's shortcuts and its walk answer the same body, encoded or not."""
+        clock = Clock()
+        publisher = KeyPublisher("example.org", [generate_signing_key("k")], clock)
+        root = build_root(publisher)
+        for path in ("/_matrix/key/v2/server", "/_matrix/key/v2/%73erver"):
+            answer = request(self, root, "GET", path)
+            self.assertEqual((answer.code, answer.body), (200, publisher.body()), path)

@@ -18,7 +18,7 @@ from unittest import mock
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from twisted.internet import reactor
-from twisted.internet.defer import gatherResults
+from twisted.internet.defer import CancelledError, gatherResults
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -288,7 +288,111 @@ class MemoryKeyStoreTests(KeyStoreContractMixin, TestCase):
         self.assertIsNone(await self.store.ping())
 
 
-class SQLiteKeyStoreTests(KeyStoreContractMixin, TestCase):
+class SQLGroupCommitMixin(_MixinBase):
+    """
+    Writes given while a write transaction runs are committed together in
+    the next one, each caller still getting its own result. Mix into a
+    store contract test case of an SQL store.
+    """
+
+    store: Any
+
+    def count_transactions(self) -> list[int]:
+        """Record the size of every write batch the store runs."""
+        sizes: list[int] = []
+        store_txn = self.store._store_txn
+
+        def counting(txn: Any, batch: list[Any]) -> Any:
+            sizes.append(len(batch))
+            return store_txn(txn, batch)
+
+        self.store._store_txn = counting
+        return sizes
+
+    async def test_concurrent_writes_share_a_transaction(self) -> None:
+        """Twenty writes given at once take at most two transactions; each caller gets its own."""
+        await self.store.store_server_keys(make_server_keys("held.example", {"ed25519:1": K1}))
+        sizes = self.count_transactions()
+        older = make_server_keys("s0.example", {"ed25519:1": K1}, fetched_ts=10)
+        newer = make_server_keys("s0.example", {"ed25519:1": K1}, fetched_ts=20)
+        impostor = make_server_keys("held.example", {"ed25519:1": IMPOSTOR})
+        rest = [make_server_keys(f"s{i}.example", {"ed25519:1": K2}) for i in range(1, 18)]
+        writes = [newer, older, impostor, *rest]
+        results = await gatherResults([self.store.store_server_keys(k) for k in writes])
+        # The first write may start alone, before the others are given.
+        self.assertEqual(sum(sizes), 20)
+        self.assertLessEqual(len(sizes), 2)
+        self.assertEqual(results[0], StoreResult(stored=frozenset({"ed25519:1"})))
+        self.assertEqual(results[1], StoreResult(kept=frozenset({"ed25519:1"})))
+        self.assertEqual(results[2].conflicts, {"ed25519:1": bytes(K1.verify_key)})
+        for result in results[3:]:
+            self.assertEqual(result, StoreResult(stored=frozenset({"ed25519:1"})))
+        found = await self.store.get_server_keys({k.server_name: None for k in writes})
+        self.assertEqual(len(found), 19)
+        self.assertEqual(found["s0.example"]["ed25519:1"].fetched_ts, 20)
+        self.assertEqual(
+            found["held.example"]["ed25519:1"].key_bytes("ed25519:1"), bytes(K1.verify_key)
+        )
+
+    async def test_write_batch_size(self) -> None:
+        """No transaction writes more than write_batch_size responses."""
+        self.store.write_batch_size = 4
+        sizes = self.count_transactions()
+        writes = [make_server_keys(f"s{i}.example", {"ed25519:1": K1}) for i in range(10)]
+        results = await gatherResults([self.store.store_server_keys(k) for k in writes])
+        self.assertEqual(sum(sizes), 10)
+        self.assertEqual(max(sizes), 4)
+        self.assertLessEqual(len(sizes), 4)
+        self.assertEqual({r.stored for r in results}, {frozenset({"ed25519:1"})})
+
+    async def test_one_failing_write_fails_alone(self) -> None:
+        """A batch that fails for an unexpected reason is retried one response at a time."""
+        store_txn = self.store._store_txn
+
+        def failing(txn: Any, batch: list[Any]) -> Any:
+            if any(keys.server_name == "bad.example" for keys in batch):
+                raise ValueError("cannot write bad.example")
+            return store_txn(txn, batch)
+
+        self.store._store_txn = failing
+        writes = [
+            make_server_keys(name, {"ed25519:1": K1})
+            for name in ("first.example", "a.example", "bad.example", "b.example")
+        ]
+        ds = [self.store.store_server_keys(k) for k in writes]
+        first, a, b = await gatherResults([ds[0], ds[1], ds[3]])
+        for result in (first, a, b):
+            self.assertEqual(result.stored, {"ed25519:1"})
+        with self.assertRaises(ValueError):
+            await ds[2]
+        found = await self.store.get_server_keys({k.server_name: None for k in writes})
+        self.assertEqual(sorted(found), ["a.example", "b.example", "first.example"])
+
+    async def test_unavailable_fails_the_batch(self) -> None:
+        """When the database cannot be used, every queued write fails with StoreUnavailable."""
+        ds = [
+            self.store.store_server_keys(make_server_keys(f"s{i}.example", {"ed25519:1": K1}))
+            for i in range(3)
+        ]
+        await self.store.close()
+        for d in ds[1:]:
+            with self.assertRaises(StoreUnavailable):
+                await d
+        await ds[0]  # was already running when the store closed
+
+    async def test_cancelled_caller(self) -> None:
+        """A caller that gives up does not disturb the others' results."""
+        writes = [make_server_keys(f"s{i}.example", {"ed25519:1": K1}) for i in range(3)]
+        ds = [self.store.store_server_keys(k) for k in writes]
+        ds[1].cancel()
+        self.failureResultOf(ds[1], CancelledError)
+        first, last = await gatherResults([ds[0], ds[2]])
+        self.assertEqual(first.stored, {"ed25519:1"})
+        self.assertEqual(last.stored, {"ed25519:1"})
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class SQLiteKeyStoreTests(SQLGroupCommitMixin, KeyStoreContractMixin, TestCase):
     """The contract, for :class:`SQLiteKeyStore` in a temporary file."""
 
     async def make_store(self) -> Any:
@@ -432,7 +536,9 @@ class PostgresSchemaMixin(_MixinBase):
         return postgres_dsn_for_schema(POSTGRES_DSN, schema)
 
 
-class PostgresKeyStoreTests(PostgresSchemaMixin, KeyStoreContractMixin, TestCase):
+class PostgresKeyStoreTests(
+    PostgresSchemaMixin, SQLGroupCommitMixin, KeyStoreContractMixin, TestCase
+):
     """The contract, for :class:`PostgresKeyStore`."""
 
     async def make_store(self) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from twisted.enterprise.adbapi import ConnectionLost, ConnectionPool
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from synkeys.errors import InvalidSignedJson
@@ -75,9 +76,12 @@ class SQLKeyStore:
 
     :ivar query_batch_size: How many server names one ``SELECT`` names at
         most; a larger look-up is split into several queries.
+    :ivar write_batch_size: How many responses one write transaction holds
+        at most (see :meth:`store_server_keys`).
     """
 
     query_batch_size = 500
+    write_batch_size = 256
 
     def __init__(
         self,
@@ -98,6 +102,8 @@ class SQLKeyStore:
         self._where = where
         self._unavailable_errors = unavailable_errors + (ConnectionLost,)
         self._closed = False
+        self._write_queue: list[tuple[ServerKeys, Deferred[StoreResult]]] = []
+        self._writing = False
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self._where}>"
@@ -123,25 +129,80 @@ class SQLKeyStore:
         return Deferred.fromCoroutine(self._run(apply_migrations, self._dialect, self._where))
 
     def store_server_keys(self, keys: ServerKeys) -> Deferred[StoreResult]:
-        """See :meth:`synkeys.interfaces.IKeyStore.store_server_keys`."""
-        return Deferred.fromCoroutine(self._run(self._store_txn, keys))
+        """
+        See :meth:`synkeys.interfaces.IKeyStore.store_server_keys`.
 
-    def _store_txn(self, txn: Any, keys: ServerKeys) -> StoreResult:
+        Writes are committed in groups: while one transaction runs, the
+        responses given meanwhile queue up, and the next transaction writes
+        them all (at most :attr:`write_batch_size`). A notary fetching many
+        servers at once then commits a few times instead of once per server,
+        and each caller still gets its own :class:`StoreResult`.
+        """
+        written: Deferred[StoreResult] = Deferred()
+        self._write_queue.append((keys, written))
+        if not self._writing:
+            self._writing = True
+            Deferred.fromCoroutine(self._write_queued())
+        return written
+
+    async def _write_queued(self) -> None:
+        try:
+            while self._write_queue:
+                size = max(1, self.write_batch_size)
+                batch = self._write_queue[:size]
+                del self._write_queue[:size]
+                await self._write_batch(batch)
+        finally:
+            self._writing = False
+
+    async def _write_batch(self, batch: list[tuple[ServerKeys, Deferred[StoreResult]]]) -> None:
+        try:
+            results: list[StoreResult] = await self._run(
+                self._store_txn, [keys for keys, _ in batch]
+            )
+        except StoreUnavailable:
+            failure = Failure()
+            for _, written in batch:
+                if not written.called:
+                    written.errback(failure)
+            return
+        except Exception:
+            if len(batch) == 1:
+                failure = Failure()
+                if not batch[0][1].called:
+                    batch[0][1].errback(failure)
+                return
+            # Something about one response; do not fail the others with it.
+            for one in batch:
+                await self._write_batch([one])
+            return
+        for (_, written), result in zip(batch, results):
+            if not written.called:
+                written.callback(result)
+
+    def _store_txn(self, txn: Any, batch: list[ServerKeys]) -> list[StoreResult]:
         sql = self._dialect.sql
         if self._dialect.begin_write is not None:
             txn.execute(self._dialect.begin_write)
-        stored = set()
-        kept = set()
-        conflicts: dict[str, bytes] = {}
-        # Sorted, so two transactions writing the same server lock its rows
-        # in the same order and cannot deadlock.
-        for key_id in sorted(keys.key_ids):
+        stored: list[set[str]] = [set() for _ in batch]
+        kept: list[set[str]] = [set() for _ in batch]
+        conflicts: list[dict[str, bytes]] = [{} for _ in batch]
+        # Sorted, so two transactions writing the same servers lock their
+        # rows in the same order and cannot deadlock; responses for the same
+        # key id are written in the order they were given.
+        rows = sorted(
+            (keys.server_name, key_id, index)
+            for index, keys in enumerate(batch)
+            for key_id in keys.key_ids
+        )
+        for server_name, key_id, index in rows:
+            keys = batch[index]
             key = keys.verify_key(key_id)
             assert key is not None
             txn.execute(
                 sql(_UPSERT),
                 (
-                    keys.server_name,
+                    server_name,
                     key_id,
                     key.key,
                     key.expired_ts,
@@ -152,17 +213,20 @@ class SQLKeyStore:
                 ),
             )
             if txn.rowcount == 1:
-                stored.add(key_id)
+                stored[index].add(key_id)
                 continue
             # Not written, so the row exists, and the UPSERT locked it (or,
             # for SQLite, the transaction holds the database's write lock).
-            txn.execute(sql(_SELECT_KEY_BYTES), (keys.server_name, key_id))
+            txn.execute(sql(_SELECT_KEY_BYTES), (server_name, key_id))
             existing = bytes(txn.fetchone()[0])
             if existing != key.key:
-                conflicts[key_id] = existing
+                conflicts[index][key_id] = existing
             else:
-                kept.add(key_id)
-        return StoreResult(frozenset(stored), frozenset(kept), conflicts)
+                kept[index].add(key_id)
+        return [
+            StoreResult(frozenset(s), frozenset(k), c)
+            for s, k, c in zip(stored, kept, conflicts)
+        ]
 
     def get_server_keys(
         self, requests: Mapping[str, Collection[str] | None]
