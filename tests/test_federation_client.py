@@ -24,6 +24,7 @@ from synkeys.federation.ipfilter import IPFilter
 from synkeys.federation.testing import StaticHostnameResolver, StaticSrvLookup
 from synkeys.federation.tls import load_ca_files
 from synkeys.interfaces import IFederationClient
+from tests.test_federation_resolver import ManualResolver
 
 PUBLIC_1 = "93.184.216.34"
 PUBLIC_2 = "93.184.216.35"
@@ -103,6 +104,22 @@ class ClientTests(SynchronousTestCase):
         d = client.get("internal.test:8448", b"/x")
         self.assertNoResult(d)
         self.assertEqual(self.reactor.tcpClients[0][:2], ("10.0.0.1", 8448))
+
+    def test_shared_host_resolved_once(self) -> None:
+        """Servers on one host fetched at once cause one look-up and a connection each."""
+        resolver = ManualResolver()
+        client = self.client(resolver=resolver)
+        first = client.get("example.com:8448", b"/x")
+        second = client.get("example.com:8449", b"/x")
+        self.assertEqual([call[1] for call in resolver.calls], ["example.com"])
+        resolver.answer(0, PUBLIC_1, port=8448)
+        resolver.complete(0)
+        self.assertEqual(
+            [client[:2] for client in self.reactor.tcpClients],
+            [(PUBLIC_1, 8448), (PUBLIC_1, 8449)],
+        )
+        self.assertNoResult(first)
+        self.assertNoResult(second)
 
     def test_blocked_addresses_skipped(self) -> None:
         """Of several addresses only the allowed ones are tried, with the connect timeout."""

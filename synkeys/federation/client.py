@@ -51,6 +51,7 @@ from synkeys.federation.discovery import (
 )
 from synkeys.federation.endpoint import FilteringTLSEndpoint
 from synkeys.federation.ipfilter import IPFilter
+from synkeys.federation.resolver import SharedHostResolver
 from synkeys.federation.tls import FederationTLSPolicy
 from synkeys.interfaces import FederationResponse, IFederationClient
 from synkeys.servername import parse_server_name
@@ -107,6 +108,7 @@ class FederationClient:
     :param max_response_bytes: Largest body read; more is ``"too_large"``.
     :param max_concurrent: Requests in flight at once; more wait.
     :param resolver: Host name resolver; default ``reactor.nameResolver``.
+        Concurrent look-ups of one host share one call to it.
     :param srv_lookup: SRV lookup; default uses ``twisted.names``.
     :param user_agent: ``User-Agent`` header value.
     :param discovery: Replaces server discovery (for tests); by default a
@@ -136,7 +138,11 @@ class FederationClient:
         self._request_timeout_s = request_timeout_s
         self._max_response_bytes = max_response_bytes
         self._semaphore = DeferredSemaphore(max_concurrent)
-        self._resolver = resolver if resolver is not None else reactor.nameResolver
+        # Concurrent look-ups of one host (a fan-out to servers sharing a
+        # host) share one call to the resolver.
+        self._resolver = SharedHostResolver(
+            resolver if resolver is not None else reactor.nameResolver
+        )
         self._user_agent = user_agent
         self._pool = _QuietConnectionPool(reactor, persistent=False)
         if discovery is None:
