@@ -15,6 +15,7 @@ the store.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, List, Optional, Tuple
 
@@ -219,6 +220,28 @@ def build_keyring(
     )
 
 
+def freeze_startup_heap() -> int:
+    """
+    Move every object alive now (modules, classes, configuration: the
+    process's startup heap) out of the garbage collector's reach, as
+    :func:`gc.freeze` does, after one full collection.
+
+    The cyclic collector's full (generation 2) collections otherwise walk
+    that whole heap, some hundreds of thousands of objects for Twisted,
+    OpenSSL bindings and synkeys, about 15-30 ms with the reactor stopped;
+    under a burst of work they come every few seconds. Frozen, a full
+    collection walks only what was allocated since. Nothing frozen was
+    garbage at the time, and objects freed by reference counting still are.
+
+    :returns: How many objects were frozen.
+    """
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.debug("froze {count} startup objects for the garbage collector", count=frozen)
+    return frozen
+
+
 class SynkeysService(MultiService):
     """
     The whole service: the key server, the notary and ``/health`` on every
@@ -237,6 +260,9 @@ class SynkeysService(MultiService):
         a registry of its own) when ``None``.
     :param drain_timeout_s: How long stopping waits for requests in
         progress.
+    :param freeze_heap: Whether starting calls :func:`freeze_startup_heap`
+        (``twistd synkeys`` and its workers do; a process that embeds the
+        service owns its garbage collector and decides for itself).
 
     :ivar publisher: The :class:`KeyPublisher` serving this server's keys.
     :ivar notary: The :class:`Notary` answering ``/query``.
@@ -245,6 +271,7 @@ class SynkeysService(MultiService):
         serves.
     :ivar metrics: The service's :class:`ServiceMetrics`.
     :ivar metrics_site: The :class:`Site` the metrics listeners serve.
+    :ivar freeze_heap: See the parameter.
     """
 
     def __init__(
@@ -259,9 +286,11 @@ class SynkeysService(MultiService):
         metrics_endpoints: Optional[List[Tuple[str, Any]]] = None,
         metrics: Optional[ServiceMetrics] = None,
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        freeze_heap: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
+        self.freeze_heap = freeze_heap
         self._loaded_keys = loaded_keys
         self._notary_keys = notary_keys
         self._reactor = reactor
@@ -345,6 +374,8 @@ class SynkeysService(MultiService):
             listen=", ".join(self.config.listen),
         )
         super().startService()
+        if self.freeze_heap:
+            freeze_startup_heap()
         for listener in self._listeners:
             _port_of(listener).addCallback(_log_port, "requests")
         for listener in self._metrics_listeners:

@@ -108,6 +108,7 @@ def makeService(options: Options) -> IService:  # noqa: N802
         options.endpoints,
         notary_keys=options.notary_keys,
         metrics_endpoints=options.metrics_endpoints,
+        freeze_heap=True,
     )
     pool = getattr(options, "worker_pool", None)
     if pool is not None:

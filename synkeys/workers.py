@@ -458,7 +458,13 @@ def worker_main(argv: Optional[Sequence[str]] = None) -> None:
     if config.key_server_signing_keys_path:
         notary_keys = load_or_generate_keys(config.key_server_signing_keys_path)
     service = SynkeysService(
-        config, reactor, loaded, endpoints, notary_keys=notary_keys, metrics_endpoints=[]
+        config,
+        reactor,
+        loaded,
+        endpoints,
+        notary_keys=notary_keys,
+        metrics_endpoints=[],
+        freeze_heap=True,
     )
     parent = os.getppid()
 

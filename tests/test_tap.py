@@ -3,10 +3,12 @@
 import os
 import subprocess
 import sys
+from unittest import mock
 
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from synkeys.app import freeze_startup_heap
 from synkeys.config import SETTINGS, parse_duration_ms, resolve_config
 from synkeys.errors import ConfigError
 from synkeys.keyfile import generate_signing_key, write_signing_keys
@@ -132,6 +134,16 @@ class OptionsTests(SynchronousTestCase):
         service = makeService(options)
         self.assertEqual(service.publisher.server_name, "example.org")  # type: ignore[attr-defined]
         self.assertEqual(len(list(service)), 1)  # type: ignore[call-overload]
+        self.assertTrue(service.freeze_heap)  # type: ignore[attr-defined]
+
+    def test_freeze_startup_heap(self) -> None:
+        """Freezing collects first, then freezes, and reports how many objects it froze."""
+        with mock.patch("synkeys.app.gc") as gc:
+            gc.get_freeze_count.return_value = 1234
+            self.assertEqual(freeze_startup_heap(), 1234)
+        self.assertEqual(
+            [c[0] for c in gc.method_calls], ["collect", "freeze", "get_freeze_count"]
+        )
 
     def test_help_documents_every_flag(self) -> None:
         """--help lists every setting's flag."""
@@ -201,3 +213,33 @@ class PluginTests(SynchronousTestCase):
         self.assertNotEqual(out.returncode, 0)
         self.assertIn("invalid server name", out.stdout + out.stderr)
         self.assertNotIn("Traceback", out.stdout + out.stderr)
+
+
+class FreezeHeapTests(TestCase):
+    """twistd's service freezes its startup heap when it starts."""
+
+    async def test_start_freezes(self) -> None:
+        """Starting the service made by makeService freezes the heap once."""
+        options = Options()
+        options.parseOptions([
+            "--server-name", "example.org", "--signing-key", self.mktemp(),
+            "--listen", "tcp:0:interface=127.0.0.1", "--database", ":memory:",
+        ])
+        service = makeService(options)
+        with mock.patch("synkeys.app.freeze_startup_heap") as freeze:
+            service.startService()
+            self.addCleanup(service.stopService)
+        freeze.assert_called_once_with()
+
+    def test_embedded_default(self) -> None:
+        """A SynkeysService built directly leaves the garbage collector alone."""
+        from twisted.internet.task import Clock
+
+        from tests.test_health import make_service
+
+        service = make_service(self, Clock())
+        self.assertFalse(service.freeze_heap)
+        with mock.patch("synkeys.app.freeze_startup_heap") as freeze:
+            service.startService()
+            self.addCleanup(service.stopService)
+        freeze.assert_not_called()
