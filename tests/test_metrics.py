@@ -85,6 +85,22 @@ class RegistryTests(SynchronousTestCase):
         self.assertNotIn("process_cpu_seconds", names)
 
 
+    def test_child_per_label_set(self) -> None:
+        """child() answers one labelled child per label set, counting into the registry."""
+        metrics = ServiceMetrics(make_clock(), standard_collectors=False)
+        ok = metrics.child(metrics.key_fetches, "direct", "found")
+        self.assertIs(metrics.child(metrics.key_fetches, "direct", "found"), ok)
+        failed = metrics.child(metrics.key_fetches, "direct", "failed")
+        self.assertIsNot(failed, ok)
+        ok.inc(2)
+        self.assertEqual(
+            sample(metrics, "synkeys_key_fetches_total", fetcher="direct", outcome="found"), 2
+        )
+        self.assertEqual(
+            sample(metrics, "synkeys_key_fetches_total", fetcher="direct", outcome="failed"), 0
+        )
+
+
 class FederationClientTests(SynchronousTestCase):
     """:class:`ObservedFederationClient` over a fake federation."""
 
