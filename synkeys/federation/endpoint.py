@@ -36,6 +36,7 @@ from zope.interface import implementer
 
 from synkeys.errors import FetchError
 from synkeys.federation.ipfilter import IPFilter
+from synkeys.federation.resolver import cancel_resolution
 
 log = Logger()
 
@@ -76,14 +77,8 @@ def resolve_host(resolver: IHostnameResolver, host: str, port: int) -> Deferred[
     """
 
     def cancel(d: Deferred[list[str]]) -> None:
-        resolution = collector.resolution
-        if resolution is not None:
-            try:
-                resolution.cancel()
-            except NotImplementedError:
-                # Twisted's default resolutions cannot be cancelled; the
-                # lookup then finishes unheard, which is harmless.
-                pass
+        if collector.resolution is not None:
+            cancel_resolution(collector.resolution)
 
     done: Deferred[list[str]] = Deferred(cancel)
     collector = _Collector(done)

@@ -67,12 +67,7 @@ class _Lookup:
         if not self._shares:
             self._resolver._forget(self._key, self)
             if self._resolution is not None:
-                try:
-                    self._resolution.cancel()
-                except NotImplementedError:
-                    # Twisted's default resolutions cannot be cancelled;
-                    # the look-up then finishes unheard.
-                    pass
+                cancel_resolution(self._resolution)
 
     def resolutionBegan(self, resolutionInProgress: IHostResolution) -> None:  # noqa: N802, N803
         self._resolution = resolutionInProgress
@@ -87,6 +82,18 @@ class _Lookup:
         shares, self._shares = self._shares, []
         for share in shares:
             share.receiver.resolutionComplete()
+
+
+def cancel_resolution(resolution: IHostResolution) -> None:
+    """
+    Cancel ``resolution`` where its resolver supports that: Twisted's
+    default resolutions cannot be cancelled, and their look-up then
+    finishes unheard, which is harmless.
+    """
+    try:
+        resolution.cancel()
+    except NotImplementedError:
+        pass
 
 
 def _with_port(address: IAddress, port: int) -> IAddress:
@@ -147,4 +154,4 @@ class SharedHostResolver:
             del self._lookups[key]
 
 
-__all__ = ["SharedHostResolver"]
+__all__ = ["SharedHostResolver", "cancel_resolution"]
