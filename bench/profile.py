@@ -172,10 +172,14 @@ def profile_cold(
         code, _, fifty_s = post(synkeys, query_body(fifty, minimum_ts))
         cpu_ms = (cpu_s([pid]) - cpu_before) * 1000
         asked = sorted(times[0] - started_s for times in farm.times(fifty).values() if times)
+        when = (
+            f"origins asked from {asked[0] * 1000:3.0f} to {asked[-1] * 1000:3.0f} ms"
+            if asked else "no origin was asked"
+        )
         print(
             f"1 origin {single_s * 1000:4.0f} ms, 50 origins {fifty_s * 1000:4.0f} ms "
-            f"(x{fifty_s / single_s:.2f}, status {code}); notary CPU {cpu_ms:3.0f} ms; "
-            f"origins asked from {asked[0] * 1000:3.0f} to {asked[-1] * 1000:3.0f} ms"
+            f"(x{fifty_s / max(single_s, 1e-9):.2f}, status {code}); "
+            f"notary CPU {cpu_ms:3.0f} ms; {when}"
         )
         time.sleep(0.2)
     spy.wait(rounds + 60)
